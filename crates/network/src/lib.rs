@@ -1,0 +1,3 @@
+//! Network namespaces and CNI plugin invocation.
+//!
+//! Empty until pod sandboxes land.
