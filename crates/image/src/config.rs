@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Settings of the image service.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,12 +32,17 @@ impl Default for ImageConfig {
 }
 
 /// Settings of one registry host.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// Endpoints tried in order before the registry itself, as `http://host:port`
     /// or `https://host`.
     pub mirrors: Vec<String>,
+    /// URL of the registry's own API endpoint, replacing the default
+    /// (`https://registry-1.docker.io` for `docker.io`, `https://HOST`
+    /// otherwise). Empty means the default. With it set, nothing is sent to
+    /// the default endpoint.
+    pub endpoint: String,
     /// Talk plain HTTP to the registry itself instead of HTTPS.
     pub plain_http: bool,
     /// Skip TLS certificate verification for the registry and its mirrors.

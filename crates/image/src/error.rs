@@ -70,6 +70,9 @@ pub enum ImageError {
         source: std::io::Error,
     },
 
+    #[error("invalid image setting {setting}: {reason}")]
+    InvalidConfig { setting: String, reason: String },
+
     #[error("invalid image archive: {reason}")]
     InvalidArchive { reason: String },
 }

@@ -4,10 +4,19 @@
 //! Nothing here knows about gRPC. The `cri` crate maps [`ImageError`] to
 //! gRPC status codes.
 
+mod archive;
 mod config;
+mod content;
+mod digest;
 mod error;
+mod gc;
 mod manager;
+mod pull;
 mod reference;
+pub mod registry;
+mod snapshot;
+mod store;
+mod unpack;
 
 pub use config::{ImageConfig, RegistryConfig};
 pub use error::ImageError;

@@ -1,2 +1,10 @@
 //! The test environment: a local registry with fixture images, and helpers
 //! that start the daemon and talk CRI to it.
+
+pub mod client;
+pub mod daemon;
+pub mod env;
+pub mod fixtures;
+pub mod proxy;
+pub mod registry;
+pub mod token;

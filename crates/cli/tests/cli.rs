@@ -1,0 +1,276 @@
+//! The `hatoba` client commands against a running daemon: exit codes and
+//! the key lines of their output.
+//!
+//! Tests that talk to a daemon need root and `hatoba-testenv up`. Without
+//! them they print `skipped:` and return.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{HATOBA, Harness, fixture, hex_of, test_env};
+use hatoba_testenv::env::TestEnv;
+
+/// Runs `hatoba --socket <socket> <args>` and returns its output.
+fn hatoba(socket: &Path, args: &[&str]) -> Output {
+    Command::new(HATOBA)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run hatoba {args:?}: {error}"))
+}
+
+/// Runs `hatoba`, fails the test unless it exits 0, and returns stdout.
+fn hatoba_ok(socket: &Path, args: &[&str]) -> String {
+    let output = hatoba(socket, args);
+    assert!(
+        output.status.success(),
+        "hatoba {args:?} should exit 0, got {}; stderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn client_without_daemon_names_socket() {
+    let socket = std::env::temp_dir().join(format!("hatoba-no-daemon-{}.sock", std::process::id()));
+
+    let output = hatoba(&socket, &["version"]);
+
+    assert!(
+        !output.status.success(),
+        "hatoba version without a daemon should fail"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&socket.display().to_string()),
+        "the error should name the socket {}, stderr:\n{stderr}",
+        socket.display()
+    );
+}
+
+#[tokio::test]
+async fn version_prints_both_versions() {
+    let Some(env) = test_env() else { return };
+    let harness = Harness::start(&env).await;
+
+    let stdout = hatoba_ok(harness.daemon.socket(), &["version"]);
+
+    assert!(
+        stdout.contains(env!("CARGO_PKG_VERSION")),
+        "hatoba version should print {}, got:\n{stdout}",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+#[tokio::test]
+async fn socket_from_hatoba_socket_env() {
+    let Some(env) = test_env() else { return };
+    let harness = Harness::start(&env).await;
+
+    let output = Command::new(HATOBA)
+        .arg("version")
+        .env("HATOBA_SOCKET", harness.daemon.socket())
+        .output()
+        .expect("hatoba should run");
+
+    assert!(
+        output.status.success(),
+        "hatoba version with HATOBA_SOCKET should exit 0; stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn info_prints_runtime_conditions() {
+    let Some(env) = test_env() else { return };
+    let harness = Harness::start(&env).await;
+
+    let stdout = hatoba_ok(harness.daemon.socket(), &["info"]);
+
+    assert!(
+        stdout.contains("RuntimeReady"),
+        "hatoba info should print the RuntimeReady condition, got:\n{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn image_pull_prints_the_image_id() {
+    let Some(env) = test_env() else { return };
+    let busybox = fixture(&env, "busybox");
+    let harness = Harness::start(&env).await;
+
+    let stdout = hatoba_ok(
+        harness.daemon.socket(),
+        &["image", "pull", &busybox.reference],
+    );
+
+    assert!(
+        stdout.contains(hex_of(&busybox.config_digest)),
+        "hatoba image pull should print the image ID {}, got:\n{stdout}",
+        busybox.config_digest
+    );
+}
+
+#[tokio::test]
+async fn image_pull_with_creds_succeeds() {
+    let Some(env) = test_env() else { return };
+    let private = fixture(&env, "basic-private");
+    let harness = Harness::start(&env).await;
+    let creds = format!("{}:{}", env.basic_user, env.basic_password);
+
+    let stdout = hatoba_ok(
+        harness.daemon.socket(),
+        &["image", "pull", "--creds", &creds, &private.reference],
+    );
+
+    assert!(
+        stdout.contains(hex_of(&private.config_digest)),
+        "hatoba image pull --creds should print the image ID, got:\n{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn image_pull_unknown_image_fails() {
+    let Some(env) = test_env() else { return };
+    let harness = Harness::start(&env).await;
+    let reference = format!("{}/testenv/does-not-exist:latest", env.open);
+
+    let output = hatoba(harness.daemon.socket(), &["image", "pull", &reference]);
+
+    assert!(
+        !output.status.success(),
+        "pulling an unknown image should fail"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("testenv/does-not-exist"),
+        "the error should name the reference, stderr:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn image_ls_lists_a_pulled_image() {
+    let Some(env) = test_env() else { return };
+    let busybox = fixture(&env, "busybox");
+    let mut harness = Harness::start(&env).await;
+    harness.pull_ok(&busybox.reference).await;
+
+    let stdout = hatoba_ok(harness.daemon.socket(), &["image", "ls"]);
+
+    let repository = format!("{}/{}", busybox.registry(), busybox.repository());
+    assert!(
+        stdout.contains(&repository),
+        "hatoba image ls should list {repository}, got:\n{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn image_inspect_prints_image_id() {
+    let Some(env) = test_env() else { return };
+    let busybox = fixture(&env, "busybox");
+    let mut harness = Harness::start(&env).await;
+    harness.pull_ok(&busybox.reference).await;
+
+    let stdout = hatoba_ok(
+        harness.daemon.socket(),
+        &["image", "inspect", &busybox.reference],
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!("hatoba image inspect should print JSON ({error}):\n{stdout}")
+    });
+    let id = json[0]["id"].as_str().unwrap_or_default();
+    assert!(
+        id.contains(hex_of(&busybox.config_digest)),
+        "the first inspected image should have id {}, got:\n{stdout}",
+        busybox.config_digest
+    );
+}
+
+#[tokio::test]
+async fn image_rm_removes_a_pulled_image() {
+    let Some(env) = test_env() else { return };
+    let busybox = fixture(&env, "busybox");
+    let mut harness = Harness::start(&env).await;
+    harness.pull_ok(&busybox.reference).await;
+
+    hatoba_ok(
+        harness.daemon.socket(),
+        &["image", "rm", &busybox.reference],
+    );
+
+    let listed = harness.list(None).await;
+    assert!(
+        listed.is_empty(),
+        "no image should be left after hatoba image rm, got {listed:?}"
+    );
+}
+
+#[tokio::test]
+async fn image_rm_unknown_name_fails() {
+    let Some(env) = test_env() else { return };
+    let harness = Harness::start(&env).await;
+    let name = format!("{}/testenv/never-pulled:latest", env.open);
+
+    let output = hatoba(harness.daemon.socket(), &["image", "rm", &name]);
+
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "hatoba image rm of an unknown name should exit 1"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("testenv/never-pulled"),
+        "the error should name the image, stderr:\n{stderr}"
+    );
+}
+
+/// Loads `archive` through the CLI and checks that `reference` is loaded
+/// and listed.
+async fn assert_image_load(env: &TestEnv, archive: &Path, reference: &str) {
+    let mut harness = Harness::start(env).await;
+    let archive = archive.to_str().expect("the archive path is UTF-8");
+
+    let stdout = hatoba_ok(harness.daemon.socket(), &["image", "load", "-i", archive]);
+
+    assert!(
+        stdout.contains(reference),
+        "hatoba image load should print the loaded name {reference}, got:\n{stdout}"
+    );
+    let listed = harness.list(None).await;
+    assert!(
+        listed
+            .iter()
+            .any(|image| image.repo_tags.iter().any(|tag| tag == reference)),
+        "the loaded image should be listed as {reference}, got {listed:?}"
+    );
+}
+
+#[tokio::test]
+async fn image_load_oci_archive() {
+    let Some(env) = test_env() else { return };
+    let reference = archive_reference(&env.archives.oci_reference, "loaded-oci", &env.open);
+    assert_image_load(&env, &env.archives.oci, &reference).await;
+}
+
+#[tokio::test]
+async fn image_load_docker_archive() {
+    let Some(env) = test_env() else { return };
+    let reference = archive_reference(&env.archives.docker_reference, "loaded-docker", &env.open);
+    assert_image_load(&env, &env.archives.docker, &reference).await;
+}
+
+/// Returns the name stored in an archive: the one env.json records, or the
+/// name from the test environment contract when env.json records none.
+fn archive_reference(recorded: &str, repository: &str, open: &str) -> String {
+    if recorded.is_empty() {
+        format!("{open}/testenv/{repository}:latest")
+    } else {
+        recorded.to_owned()
+    }
+}

@@ -1,0 +1,378 @@
+//! `hatoba daemon`: start, locking, config errors, shutdown and the CRI
+//! RuntimeService it serves today.
+//!
+//! These tests need root but not the testenv registries. Without root they
+//! print `skipped:` and return.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
+
+use common::{HATOBA, Harness};
+use hatoba_testenv::daemon::{Daemon, DaemonError, DaemonOptions};
+use k8s_cri::v1::{RunPodSandboxRequest, StatusRequest, VersionRequest};
+use tonic::Code;
+
+/// Returns whether the test runs as root, and prints `skipped:` when not.
+fn is_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    eprintln!("skipped: {test} needs root (it runs hatoba daemon)");
+    false
+}
+
+/// Starts a daemon that needs no registry.
+async fn start_daemon() -> Harness {
+    Harness::start_with(DaemonOptions::new(HATOBA)).await
+}
+
+/// Starts a daemon with `options` that is expected to exit at once, and
+/// returns its exit status and log.
+async fn start_expecting_exit(options: DaemonOptions) -> (std::process::ExitStatus, String) {
+    match Daemon::start(options).await {
+        Err(DaemonError::Exited {
+            status, log_tail, ..
+        }) => (status, log_tail),
+        Err(error) => panic!("the daemon should exit at start, but: {error}"),
+        Ok(daemon) => panic!(
+            "the daemon should fail to start, but it responds on {}",
+            daemon.socket().display()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn version_reports_hatoba_and_cri_v1() {
+    if !is_root() {
+        return;
+    }
+    let mut harness = start_daemon().await;
+
+    let version = harness
+        .runtime
+        .version(VersionRequest::default())
+        .await
+        .expect("Version should succeed")
+        .into_inner();
+
+    assert_eq!(
+        version.runtime_name, "hatoba",
+        "runtime_name should be hatoba"
+    );
+    assert_eq!(
+        version.runtime_api_version, "v1",
+        "runtime_api_version should be v1"
+    );
+    assert_eq!(
+        version.runtime_version,
+        env!("CARGO_PKG_VERSION"),
+        "runtime_version should be the crate version"
+    );
+}
+
+#[tokio::test]
+async fn status_reports_runtime_and_network() {
+    if !is_root() {
+        return;
+    }
+    let mut harness = start_daemon().await;
+
+    let status = harness
+        .runtime
+        .status(StatusRequest { verbose: false })
+        .await
+        .expect("Status should succeed")
+        .into_inner()
+        .status
+        .expect("Status should carry a runtime status");
+
+    let condition = |name: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|condition| condition.r#type == name)
+            .unwrap_or_else(|| panic!("Status should report {name}, got {:?}", status.conditions))
+    };
+    assert!(
+        condition("RuntimeReady").status,
+        "RuntimeReady should be true"
+    );
+    let network = condition("NetworkReady");
+    assert!(
+        !network.status,
+        "NetworkReady should be false until networking exists"
+    );
+    assert!(
+        !network.reason.is_empty(),
+        "NetworkReady false should come with a reason"
+    );
+}
+
+#[tokio::test]
+async fn run_pod_sandbox_is_unimplemented() {
+    if !is_root() {
+        return;
+    }
+    let mut harness = start_daemon().await;
+
+    let status = harness
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest::default())
+        .await
+        .expect_err("RunPodSandbox should fail");
+
+    assert_eq!(
+        status.code(),
+        Code::Unimplemented,
+        "expected Unimplemented, got {status:?}"
+    );
+    assert!(
+        status.message().contains("RunPodSandbox"),
+        "the message should name RunPodSandbox, got {:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn start_on_held_socket_names_holder() {
+    if !is_root() {
+        return;
+    }
+    let mut first = start_daemon().await;
+    let first_pid = first.daemon.pid().expect("the first daemon runs");
+
+    let (status, log) =
+        start_expecting_exit(DaemonOptions::new(HATOBA).socket(first.daemon.socket())).await;
+
+    assert!(
+        !status.success(),
+        "the second daemon should exit with an error, got {status}"
+    );
+    assert!(
+        log.contains(&first_pid.to_string()),
+        "the second daemon should name the holder pid {first_pid}, its log:\n{log}"
+    );
+    let version = first.runtime.version(VersionRequest::default()).await;
+    assert!(
+        version.is_ok(),
+        "the first daemon should still answer on its socket, got {version:?}"
+    );
+}
+
+#[tokio::test]
+async fn start_on_held_root_names_holder() {
+    if !is_root() {
+        return;
+    }
+    let first = start_daemon().await;
+    let first_pid = first.daemon.pid().expect("the first daemon runs");
+
+    let (status, log) =
+        start_expecting_exit(DaemonOptions::new(HATOBA).root(first.daemon.root())).await;
+
+    assert!(
+        !status.success(),
+        "the second daemon should exit with an error, got {status}"
+    );
+    assert!(
+        log.contains(&first_pid.to_string()),
+        "the second daemon should name the holder pid {first_pid}, its log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn config_unknown_key_is_named() {
+    if !is_root() {
+        return;
+    }
+
+    let (status, log) =
+        start_expecting_exit(DaemonOptions::new(HATOBA).extra_config("no_such_key = true")).await;
+
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the daemon should exit with code 1, got {status}"
+    );
+    assert!(
+        log.contains("no_such_key"),
+        "the error should name no_such_key, log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn config_unknown_image_key_is_named() {
+    if !is_root() {
+        return;
+    }
+
+    let (status, log) = start_expecting_exit(
+        DaemonOptions::new(HATOBA).extra_config("[image]\nno_such_image_key = 1"),
+    )
+    .await;
+
+    assert!(!status.success(), "the daemon should fail, got {status}");
+    assert!(
+        log.contains("no_such_image_key"),
+        "the error should name no_such_image_key, log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn config_bad_log_format_is_named() {
+    if !is_root() {
+        return;
+    }
+
+    let (status, log) =
+        start_expecting_exit(DaemonOptions::new(HATOBA).extra_config("log_format = \"yaml\""))
+            .await;
+
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the daemon should exit with code 1, got {status}"
+    );
+    assert!(
+        log.contains("log_format"),
+        "the error should name log_format, log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn config_zero_downloads_is_named() {
+    if !is_root() {
+        return;
+    }
+
+    let (status, log) = start_expecting_exit(
+        DaemonOptions::new(HATOBA).extra_config("[image]\nmax_concurrent_downloads = 0"),
+    )
+    .await;
+
+    assert!(!status.success(), "the daemon should fail, got {status}");
+    assert!(
+        log.contains("max_concurrent_downloads"),
+        "the error should name max_concurrent_downloads, log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn config_relative_root_is_named() {
+    if !is_root() {
+        return;
+    }
+
+    let (status, log) =
+        start_expecting_exit(DaemonOptions::new(HATOBA).root("relative/root")).await;
+
+    assert!(!status.success(), "the daemon should fail, got {status}");
+    assert!(
+        log.contains("relative/root"),
+        "the error should name the relative root, log:\n{log}"
+    );
+}
+
+#[test]
+fn config_missing_file_is_named() {
+    let missing = std::env::temp_dir().join(format!("hatoba-missing-{}.toml", std::process::id()));
+
+    let output = Command::new(HATOBA)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&missing)
+        .output()
+        .expect("hatoba should run");
+
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the daemon should exit with code 1"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&missing.display().to_string()),
+        "the error should name {}, stderr:\n{stderr}",
+        missing.display()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_and_removes_socket() {
+    if !is_root() {
+        return;
+    }
+    let mut harness = start_daemon().await;
+    let socket = harness.daemon.socket().to_path_buf();
+
+    let status = harness
+        .daemon
+        .stop()
+        .await
+        .expect("the daemon should stop on SIGTERM");
+
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the daemon should exit 0 on SIGTERM, got {status}"
+    );
+    assert!(
+        !socket.exists(),
+        "the socket {} should be removed",
+        socket.display()
+    );
+}
+
+#[tokio::test]
+async fn socket_has_mode_0660() {
+    if !is_root() {
+        return;
+    }
+    let harness = start_daemon().await;
+
+    let metadata =
+        std::fs::symlink_metadata(harness.daemon.socket()).expect("the socket should exist");
+
+    assert!(
+        metadata.file_type().is_socket(),
+        "the socket path should be a socket"
+    );
+    assert_eq!(
+        metadata.permissions().mode() & 0o777,
+        0o660,
+        "the socket mode should be 0660"
+    );
+}
+
+#[tokio::test]
+async fn restart_serves_from_a_new_process() {
+    if !is_root() {
+        return;
+    }
+    let mut harness = start_daemon().await;
+    let first_pid = harness.daemon.pid();
+
+    harness
+        .daemon
+        .restart()
+        .await
+        .expect("the daemon should restart");
+    harness.reconnect().await;
+
+    assert_ne!(
+        harness.daemon.pid(),
+        first_pid,
+        "a new process should serve after the restart"
+    );
+    let version = harness.runtime.version(VersionRequest::default()).await;
+    assert!(
+        version.is_ok(),
+        "the restarted daemon should answer Version, got {version:?}"
+    );
+}
