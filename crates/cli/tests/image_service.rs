@@ -252,6 +252,21 @@ async fn pull_multiarch_records_index_digest() {
         "repo_digests should contain the index digest reference {index_reference}, got {:?}",
         image.repo_digests
     );
+    let (algorithm, hex) = multiarch
+        .top_digest
+        .split_once(':')
+        .expect("the index digest has an algorithm");
+    let index_blob = harness
+        .daemon
+        .root()
+        .join("images/blobs")
+        .join(algorithm)
+        .join(hex);
+    assert!(
+        index_blob.is_file(),
+        "the image index should be stored at {}",
+        index_blob.display()
+    );
 }
 
 #[tokio::test]
@@ -1179,7 +1194,7 @@ async fn remove_image_keeps_shared_layers() {
     let top_blob = blob_path(&store, &shared_top.digest);
     assert!(
         !top_blob.exists(),
-        "the blob only shared used should be freed"
+        "the blob used only by shared should be freed"
     );
     let status = harness.status(&busybox.reference, false).await;
     assert!(status.image.is_some(), "busybox should still be there");

@@ -571,6 +571,10 @@ mirrors = ["https://mirror.example.com"]
                 "[image.registries.\"a.io\"]\nmirrors = [\"http://m.io/?x=1\"]",
                 "invalid image.registries.\"a.io\".mirrors",
             ),
+            (
+                "[image.registries.\"a.io\"]\nendpoint = \"127.0.0.1:5000\"",
+                "invalid image.registries.\"a.io\".endpoint",
+            ),
         ];
         for (text, expected) in cases {
             let message = error_of(text);

@@ -149,15 +149,11 @@ impl Members {
 
 /// Reads the archive once, storing every regular member as a blob.
 fn scan(content: &ContentStore, path: &Path, leases: &mut LeaseSet) -> Result<Members, ImageError> {
-    let open_error = |source| ImageError::Storage {
-        step: "open image archive",
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(open_error)?;
+    let open_error = ImageError::storage("open image archive", path.to_path_buf());
+    let mut file = File::open(path).map_err(&open_error)?;
     let mut magic = [0u8; 4];
-    let n = read_up_to(&mut file, &mut magic).map_err(open_error)?;
-    file.seek(SeekFrom::Start(0)).map_err(open_error)?;
+    let n = read_up_to(&mut file, &mut magic).map_err(&open_error)?;
+    file.seek(SeekFrom::Start(0)).map_err(&open_error)?;
     let reader = Compression::detect(&magic[..n])
         .decoder(file)
         .map_err(|e| invalid(format!("failed to start decompressing: {e}")))?;
@@ -621,11 +617,8 @@ fn plan_docker_image(
 fn detect_compression(content: &ContentStore, digest: &Digest) -> Result<Compression, ImageError> {
     let mut blob = content.open(digest)?;
     let mut magic = [0u8; 4];
-    let n = read_up_to(&mut blob, &mut magic).map_err(|source| ImageError::Storage {
-        step: "read blob",
-        path: content.blob_path(digest),
-        source,
-    })?;
+    let n = read_up_to(&mut blob, &mut magic)
+        .map_err(ImageError::storage("read blob", content.blob_path(digest)))?;
     Ok(Compression::detect(&magic[..n]))
 }
 

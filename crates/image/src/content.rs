@@ -51,11 +51,10 @@ impl ContentStore {
             self.blobs.join(Algorithm::Sha256.name()),
             self.blobs.join(Algorithm::Sha512.name()),
         ] {
-            fs::create_dir_all(&dir).map_err(|source| ImageError::Storage {
-                step: "create content store directory",
-                path: dir.clone(),
-                source,
-            })?;
+            fs::create_dir_all(&dir).map_err(ImageError::storage(
+                "create content store directory",
+                dir.clone(),
+            ))?;
         }
         Ok(())
     }
@@ -234,11 +233,7 @@ impl ContentStore {
                 }
             };
             for entry in entries {
-                let entry = entry.map_err(|source| ImageError::Storage {
-                    step: "list blobs",
-                    path: dir.clone(),
-                    source,
-                })?;
+                let entry = entry.map_err(ImageError::storage("list blobs", dir.clone()))?;
                 let name = entry.file_name();
                 let Some(hex) = name.to_str() else { continue };
                 if let Ok(digest) = Digest::parse(&format!("{}:{hex}", algorithm.name())) {
@@ -269,11 +264,8 @@ impl ContentStore {
         let target = self.blob_path(digest);
         // A concurrent writer of the same digest may have won the race. Its
         // file has the same verified content, so replacing it is harmless.
-        fs::rename(&ingest.path, &target).map_err(|source| ImageError::Storage {
-            step: "move blob into place",
-            path: target.clone(),
-            source,
-        })?;
+        fs::rename(&ingest.path, &target)
+            .map_err(ImageError::storage("move blob into place", target.clone()))?;
         ingest.committed = true;
 
         let dir = self.blobs.join(digest.algorithm().name());

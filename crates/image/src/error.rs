@@ -76,3 +76,19 @@ pub enum ImageError {
     #[error("invalid image archive: {reason}")]
     InvalidArchive { reason: String },
 }
+
+impl ImageError {
+    /// Returns a function that wraps an I/O error of `step` on `path`, for
+    /// `map_err`.
+    pub(crate) fn storage(
+        step: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl Fn(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Storage {
+            step,
+            path: path.clone(),
+            source,
+        }
+    }
+}

@@ -210,17 +210,15 @@ fn referenced(images: &Images) -> (HashSet<Digest>, HashSet<Digest>) {
 }
 
 fn move_to_trash(trash: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
-    fs::create_dir_all(trash).map_err(|source| ImageError::Storage {
-        step: "create trash directory",
-        path: trash.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(trash).map_err(ImageError::storage(
+        "create trash directory",
+        trash.to_path_buf(),
+    ))?;
     let target = trash.join(random_name());
-    fs::rename(dir, &target).map_err(|source| ImageError::Storage {
-        step: "move unused snapshot to trash",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    fs::rename(dir, &target).map_err(ImageError::storage(
+        "move unused snapshot to trash",
+        dir.to_path_buf(),
+    ))?;
     Ok(target)
 }
 

@@ -192,11 +192,10 @@ impl ImageManager {
                     .recursive(true)
                     .mode(0o700)
                     .create(&root)
-                    .map_err(|source| ImageError::Storage {
-                        step: "create image store directory",
-                        path: root.clone(),
-                        source,
-                    })?;
+                    .map_err(ImageError::storage(
+                        "create image store directory",
+                        root.clone(),
+                    ))?;
                 let content = ContentStore::new(&root);
                 content.init()?;
                 let snapshots = Snapshots::new(&root);
@@ -365,11 +364,7 @@ fn measure(
         }
     };
     for entry in entries {
-        let entry = entry.map_err(|source| ImageError::Storage {
-            step: "measure",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let entry = entry.map_err(ImageError::storage("measure", path.to_path_buf()))?;
         measure(&entry.path(), usage, seen)?;
     }
     Ok(())

@@ -53,6 +53,12 @@ pub(crate) async fn pull(
         resolved.manifest_bytes.clone(),
     )
     .await?;
+    // The index is kept too, so the repo digest names content in the store.
+    if let Some(index_bytes) = &resolved.index_bytes {
+        let index_digest = parse_digest(&name, &resolved.top_digest)?;
+        leases.add(Resource::Blob(index_digest.clone()));
+        store_bytes(inner, &name, &index_digest, index_bytes.clone()).await?;
+    }
     let source = Source {
         inner,
         reference: &reference,

@@ -35,11 +35,10 @@ impl Snapshots {
     /// Creates the snapshots directory and removes every unfinished
     /// `tmp-*` snapshot that an interrupted unpack left behind.
     pub(crate) fn init(&self) -> Result<(), ImageError> {
-        fs::create_dir_all(&self.dir).map_err(|source| ImageError::Storage {
-            step: "create snapshots directory",
-            path: self.dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&self.dir).map_err(ImageError::storage(
+            "create snapshots directory",
+            self.dir.clone(),
+        ))?;
         for name in self.read_names()? {
             if name.starts_with(TMP_PREFIX) {
                 remove_dir_if_exists(&self.dir.join(&name), "remove unfinished snapshot")?;
@@ -76,11 +75,10 @@ impl Snapshots {
 
         // Flush the unpacked files before the rename makes the snapshot
         // count as complete. One syncfs is far cheaper than an fsync per file.
-        let handle = fs::File::open(&tmp.path).map_err(|source| ImageError::Storage {
-            step: "open unpacked snapshot",
-            path: tmp.path.clone(),
-            source,
-        })?;
+        let handle = fs::File::open(&tmp.path).map_err(ImageError::storage(
+            "open unpacked snapshot",
+            tmp.path.clone(),
+        ))?;
         rustix::fs::syncfs(&handle).map_err(|e| ImageError::Storage {
             step: "sync unpacked snapshot",
             path: tmp.path.clone(),
@@ -116,14 +114,10 @@ impl Snapshots {
     }
 
     fn read_names(&self) -> Result<Vec<String>, ImageError> {
-        let error = |source| ImageError::Storage {
-            step: "list snapshots",
-            path: self.dir.clone(),
-            source,
-        };
+        let error = ImageError::storage("list snapshots", self.dir.clone());
         let mut names = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(error)? {
-            let entry = entry.map_err(error)?;
+        for entry in fs::read_dir(&self.dir).map_err(&error)? {
+            let entry = entry.map_err(&error)?;
             if let Some(name) = entry.file_name().to_str() {
                 names.push(name.to_string());
             }

@@ -145,11 +145,10 @@ fn write_atomically(dir: &Path, images: &Images) -> Result<(), ImageError> {
 
     let tmp = dir.join(format!("{TMP_PREFIX}{}", random_name()));
     let result = write_synced(&tmp, &bytes).and_then(|()| {
-        fs::rename(&tmp, dir.join(FILE_NAME)).map_err(|source| ImageError::Storage {
-            step: "replace image metadata",
-            path: dir.join(FILE_NAME),
-            source,
-        })
+        fs::rename(&tmp, dir.join(FILE_NAME)).map_err(ImageError::storage(
+            "replace image metadata",
+            dir.join(FILE_NAME),
+        ))
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -160,28 +159,20 @@ fn write_atomically(dir: &Path, images: &Images) -> Result<(), ImageError> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let error = |source| ImageError::Storage {
-        step: "write image metadata",
-        path: path.to_path_buf(),
-        source,
-    };
+    let error = ImageError::storage("write image metadata", path.to_path_buf());
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(error)?;
-    file.write_all(bytes).map_err(error)?;
+        .map_err(&error)?;
+    file.write_all(bytes).map_err(&error)?;
     file.sync_all().map_err(error)
 }
 
 fn remove_stale_temporaries(dir: &Path) -> Result<(), ImageError> {
-    let error = |source| ImageError::Storage {
-        step: "list image metadata directory",
-        path: dir.to_path_buf(),
-        source,
-    };
-    for entry in fs::read_dir(dir).map_err(error)? {
-        let entry = entry.map_err(error)?;
+    let error = ImageError::storage("list image metadata directory", dir.to_path_buf());
+    for entry in fs::read_dir(dir).map_err(&error)? {
+        let entry = entry.map_err(&error)?;
         if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
             let path = entry.path();
             fs::remove_file(&path).map_err(|source| ImageError::Storage {

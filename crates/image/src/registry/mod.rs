@@ -75,6 +75,9 @@ pub struct Resolved {
     /// Digest of what the reference names: the index if there is one, else
     /// the manifest. This is the digest of the image's `repo_digests`.
     pub top_digest: String,
+    /// The image index as the registry sent it, when the reference names an
+    /// index; its digest is `top_digest`.
+    pub index_bytes: Option<Vec<u8>>,
     /// Digest of the platform manifest.
     pub manifest_digest: String,
     pub manifest_media_type: String,
@@ -180,6 +183,10 @@ impl RegistryClient {
             .manifest(name, reference.digest.as_deref(), None)
             .await?;
         let top_digest = top.digest.clone();
+        let index_bytes = match top.document {
+            Document::Index(_) => Some(top.bytes.clone()),
+            Document::Manifest(_) => None,
+        };
 
         let mut current = top;
         for _ in 0..MAX_INDEX_DEPTH {
@@ -187,6 +194,7 @@ impl RegistryClient {
                 Document::Manifest(manifest) => {
                     return Ok(Resolved {
                         top_digest,
+                        index_bytes,
                         manifest_digest: current.digest,
                         manifest_media_type: manifest.media_type.clone(),
                         manifest_bytes: current.bytes,
