@@ -12,6 +12,7 @@ use std::process::Command;
 use common::{HATOBA, Harness};
 use hatoba_testenv::daemon::{Daemon, DaemonError, DaemonOptions};
 use k8s_cri::v1::{RunPodSandboxRequest, StatusRequest, VersionRequest};
+use prost::Message as _;
 use tonic::Code;
 
 /// Returns whether the test runs as root, and prints `skipped:` when not.
@@ -375,4 +376,121 @@ async fn restart_serves_from_a_new_process() {
         version.is_ok(),
         "the restarted daemon should answer Version, got {version:?}"
     );
+}
+
+/// Sends `Version` as crictl before v1.31 does over a unix socket, with the
+/// socket path as `:authority`, and returns the response headers, the
+/// response message and the trailers.
+async fn version_with_path_authority(socket: &std::path::Path) -> (Vec<(String, String)>, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = u32::try_from(payload.len())
+            .expect("small frame")
+            .to_be_bytes();
+        let mut frame = length[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    let authority = socket.to_str().expect("UTF-8 socket path");
+    let headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/runtime.v1.RuntimeService/Version"),
+        (":authority", authority),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    let block = loona_hpack::Encoder::new().encode(
+        headers
+            .iter()
+            .map(|(name, value)| (name.as_bytes(), value.as_bytes())),
+    );
+    let message = VersionRequest {
+        version: "v1".into(),
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(
+        &u32::try_from(message.len())
+            .expect("small message")
+            .to_be_bytes(),
+    );
+    body.extend_from_slice(&message);
+
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    request.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    request.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS
+    request.extend(frame(0x0, 0x1, 1, &body)); // DATA, END_STREAM
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect to the daemon socket");
+    stream.write_all(&request).await.expect("send the request");
+
+    // Read frames until the trailers (HEADERS with END_STREAM) or a reset.
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut fields = Vec::new();
+    let mut data = Vec::new();
+    loop {
+        let mut header = [0u8; 9];
+        stream
+            .read_exact(&mut header)
+            .await
+            .expect("read a frame header");
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let mut payload = vec![0u8; length];
+        stream
+            .read_exact(&mut payload)
+            .await
+            .expect("read a frame payload");
+        let (kind, flags) = (header[3], header[4]);
+        match kind {
+            0x4 if flags & 0x1 == 0 => {
+                // Acknowledge the server's SETTINGS, as every client must.
+                stream
+                    .write_all(&frame(0x4, 0x1, 0, &[]))
+                    .await
+                    .expect("send SETTINGS ACK");
+            }
+            0x1 => {
+                let decoded = decoder.decode(&payload).expect("decode response headers");
+                fields.extend(decoded.into_iter().map(|(name, value)| {
+                    (
+                        String::from_utf8_lossy(&name).into_owned(),
+                        String::from_utf8_lossy(&value).into_owned(),
+                    )
+                }));
+                if flags & 0x1 != 0 {
+                    break;
+                }
+            }
+            0x0 => data.extend_from_slice(&payload),
+            0x3 => panic!("the daemon reset the stream with error code {payload:?}"),
+            0x7 => panic!("the daemon closed the connection (GOAWAY {payload:?})"),
+            _ => {}
+        }
+    }
+    (fields, data)
+}
+
+#[tokio::test]
+async fn socket_path_authority_is_accepted() {
+    if !is_root() {
+        return;
+    }
+    let harness = start_daemon().await;
+
+    let (fields, data) = version_with_path_authority(harness.daemon.socket()).await;
+
+    assert!(
+        fields.contains(&("grpc-status".to_owned(), "0".to_owned())),
+        "Version should succeed, got headers and trailers {fields:?}"
+    );
+    let response = k8s_cri::v1::VersionResponse::decode(data.get(5..).unwrap_or_default())
+        .expect("a VersionResponse message");
+    assert_eq!(response.runtime_name, "hatoba");
 }

@@ -2,6 +2,7 @@
 //! requests into runtime and image calls, plus hatoba's own service for the
 //! CLI and the daemon that serves them all on one unix socket.
 
+mod authority;
 mod config;
 mod error;
 mod hatoba_service;

@@ -13,7 +13,10 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::authority::relay_connection;
 use tonic::transport::Server;
 
 use crate::lock::{LockError, PidLock};
@@ -157,7 +160,7 @@ async fn run_until_signal(
     mut signals: ShutdownSignals,
 ) -> Result<(), ServerError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming = UnixListenerStream::new(listener);
+    let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(relay_connection));
     let server = router.serve_with_incoming_shutdown(incoming, async {
         // A dropped sender also means stop.
         let _ = stopped.await;

@@ -309,6 +309,10 @@ impl ImageManager {
     }
 
     /// Measures the bytes and inodes used under the store's root.
+    ///
+    /// NOTE: this walks the whole store on every call. Kubelet polls
+    /// ImageFsInfo every few seconds, so a large store wants a cached figure
+    /// that pulls and removals update.
     pub async fn fs_usage(&self) -> Result<FsUsage, ImageError> {
         let root = self.config.root.clone();
         blocking("measure image store", &root.clone(), move || {
