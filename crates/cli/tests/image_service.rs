@@ -267,6 +267,28 @@ async fn pull_multiarch_records_index_digest() {
         "the image index should be stored at {}",
         index_blob.display()
     );
+
+    // The size counts the index too, as containerd's does.
+    let blobs = harness.daemon.root().join("images/blobs");
+    let blob_size = |digest: &str| {
+        let (algorithm, hex) = digest.split_once(':').expect("digest with an algorithm");
+        std::fs::metadata(blobs.join(algorithm).join(hex))
+            .unwrap_or_else(|error| panic!("blob {digest} should be stored: {error}"))
+            .len()
+    };
+    let expected: u64 = [
+        &multiarch.top_digest,
+        &multiarch.manifest_digest,
+        &multiarch.config_digest,
+    ]
+    .into_iter()
+    .chain(multiarch.layers.iter().map(|layer| &layer.digest))
+    .map(|digest| blob_size(digest))
+    .sum();
+    assert_eq!(
+        image.size, expected,
+        "size of index, manifest, config and layers"
+    );
 }
 
 #[tokio::test]

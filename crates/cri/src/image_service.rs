@@ -220,7 +220,9 @@ fn requested_image(spec: Option<v1::ImageSpec>) -> Result<String, Status> {
 }
 
 /// Builds the `info` value of a verbose ImageStatus: a JSON object with the
-/// image config, the manifest digest, the chain IDs and the layers.
+/// image config, the manifest digest, the chain IDs and the layers. The keys
+/// `imageSpec` and `chainID` (the top layer's chain ID) match containerd
+/// 1.6.20, so scripts that read `crictl inspecti` output work on both.
 async fn verbose_info(images: &Arc<ImageManager>, record: &ImageRecord) -> Result<String, Status> {
     let stored = record.clone();
     let config = run_blocking(images, move |images| images.image_config(&stored))
@@ -247,6 +249,7 @@ async fn verbose_info(images: &Arc<ImageManager>, record: &ImageRecord) -> Resul
 
     let info = json!({
         "imageSpec": config,
+        "chainID": chain_ids.last().copied().unwrap_or_default(),
         "manifestDigest": record.manifest_digest,
         "chainIDs": chain_ids,
         "layers": layers,
@@ -295,13 +298,19 @@ fn decode_auth(auth: &str) -> Result<(String, String), Status> {
     Ok((username.to_owned(), password.to_owned()))
 }
 
-/// Converts a stored image to the CRI `Image` message.
+/// Converts a stored image to the CRI `Image` message. Tags and digests are
+/// sorted, as containerd 1.6.20 sorts them, so their order does not depend
+/// on the order of the pulls.
 pub fn cri_image(record: &ImageRecord) -> v1::Image {
     let (uid, username) = image_user(&record.user);
+    let mut repo_tags = record.repo_tags.clone();
+    repo_tags.sort();
+    let mut repo_digests = record.repo_digests.clone();
+    repo_digests.sort();
     v1::Image {
         id: record.id.clone(),
-        repo_tags: record.repo_tags.clone(),
-        repo_digests: record.repo_digests.clone(),
+        repo_tags,
+        repo_digests,
         size: record.size,
         uid: uid.map(|value| v1::Int64Value { value }),
         username,
@@ -405,6 +414,38 @@ mod tests {
             assert_eq!(image.uid.map(|uid| uid.value), uid, "user {user:?}");
             assert_eq!(image.username, username, "user {user:?}");
         }
+    }
+
+    #[test]
+    fn cri_image_sorts_names() {
+        let mut unsorted = record("");
+        unsorted.repo_tags = vec![
+            "docker.io/testenv/busybox:latest".to_owned(),
+            "127.0.0.1:5000/testenv/busybox:latest".to_owned(),
+            "127.0.0.1:5000/testenv/busybox:1.35".to_owned(),
+        ];
+        unsorted.repo_digests = vec![
+            "docker.io/testenv/busybox@sha256:22".to_owned(),
+            "127.0.0.1:5000/testenv/busybox@sha256:22".to_owned(),
+        ];
+
+        let image = cri_image(&unsorted);
+
+        assert_eq!(
+            image.repo_tags,
+            [
+                "127.0.0.1:5000/testenv/busybox:1.35",
+                "127.0.0.1:5000/testenv/busybox:latest",
+                "docker.io/testenv/busybox:latest",
+            ]
+        );
+        assert_eq!(
+            image.repo_digests,
+            [
+                "127.0.0.1:5000/testenv/busybox@sha256:22",
+                "docker.io/testenv/busybox@sha256:22",
+            ]
+        );
     }
 
     #[test]

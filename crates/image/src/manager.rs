@@ -70,7 +70,8 @@ pub struct ImageRecord {
     /// Digest of the image config blob (the same as `id`).
     pub config_digest: String,
     pub layers: Vec<LayerRecord>,
-    /// Bytes of the manifest, config and compressed layers.
+    /// Bytes of the manifest, config and compressed layers, plus the index
+    /// when the image was pulled through one, as containerd counts them.
     pub size: u64,
     /// `User` from the image config, empty when unset.
     pub user: String,
@@ -385,8 +386,15 @@ pub(crate) fn find_in(
         return Ok(images.get(name).cloned());
     }
 
-    let is_hex = name.len() >= 4 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    // A truncated ID may also be written as a digest (`sha256:02218a83`), as
+    // containerd accepts it.
+    let prefix = name.strip_prefix("sha256:").unwrap_or(name);
+    let is_hex = prefix.len() >= 4
+        && prefix
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if is_hex {
+        let name = prefix;
         let mut matches = images.values().filter(|image| {
             image
                 .id

@@ -108,7 +108,8 @@ pub(crate) async fn pull(
         .try_collect::<Vec<()>>()
         .await?;
 
-    let size = resolved.manifest_bytes.len() as u64
+    let index_size = resolved.index_bytes.as_ref().map_or(0, Vec::len);
+    let size = (resolved.manifest_bytes.len() + index_size) as u64
         + resolved.manifest.config.size
         + layers.iter().map(|l| l.size).sum::<u64>();
     let record = ImageRecord {

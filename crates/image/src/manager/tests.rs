@@ -659,6 +659,7 @@ async fn find_matches_ids_prefixes_tags_and_digests() {
         hex.clone(),
         hex[..12].to_string(),
         hex[..4].to_string(),
+        format!("sha256:{}", &hex[..12]),
         "busybox".to_string(),
         "busybox:latest".to_string(),
         "docker.io/library/busybox:latest".to_string(),
