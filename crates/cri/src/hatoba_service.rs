@@ -14,7 +14,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{error_chain, image_error_status};
-use crate::image_service::{join_task, spawn_pull};
+use crate::image_pull::spawn_pull;
+use crate::image_service::join_task;
 use crate::proto;
 use crate::proto::hatoba_server::Hatoba;
 

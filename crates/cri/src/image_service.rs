@@ -1,19 +1,16 @@
 //! The CRI ImageService: pulls, lists, inspects and removes images through
-//! the image manager.
+//! the image manager. Each RPC lives in its own module, named after it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use hatoba_image::{Credentials, FsUsage, ImageError, ImageManager, ImageRecord, PullProgress};
+use hatoba_image::{ImageError, ImageManager, ImageRecord};
 use k8s_cri::v1;
 use k8s_cri::v1::image_service_server::ImageService;
-use serde_json::json;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
-use crate::error::{error_chain, image_error_status};
+use crate::error::image_error_status;
+use crate::{image_fs_info, image_list, image_pull, image_remove, image_status};
 
 /// The CRI ImageService of the daemon.
 pub struct CriImageService {
@@ -33,152 +30,35 @@ impl ImageService for CriImageService {
         &self,
         request: Request<v1::ListImagesRequest>,
     ) -> Result<Response<v1::ListImagesResponse>, Status> {
-        let name = request
-            .into_inner()
-            .filter
-            .and_then(|filter| filter.image)
-            .map(|spec| spec.image)
-            .unwrap_or_default();
-        tracing::debug!(image.r#ref = %name, "ListImages");
-
-        let records = if name.is_empty() {
-            run_blocking(&self.images, ImageManager::list).await?
-        } else {
-            find_image(&self.images, name).await?.into_iter().collect()
-        };
-        Ok(Response::new(v1::ListImagesResponse {
-            images: records.iter().map(cri_image).collect(),
-        }))
+        image_list::list_images(&self.images, request).await
     }
 
     async fn image_status(
         &self,
         request: Request<v1::ImageStatusRequest>,
     ) -> Result<Response<v1::ImageStatusResponse>, Status> {
-        let request = request.into_inner();
-        let name = requested_image(request.image)?;
-        tracing::debug!(image.r#ref = %name, verbose = request.verbose, "ImageStatus");
-
-        // The CRI expects an empty response, not an error, for an unknown image.
-        let Some(record) = find_image(&self.images, name).await? else {
-            return Ok(Response::new(v1::ImageStatusResponse::default()));
-        };
-
-        let info = if request.verbose {
-            let info = verbose_info(&self.images, &record).await?;
-            HashMap::from([("info".to_owned(), info)])
-        } else {
-            HashMap::new()
-        };
-        Ok(Response::new(v1::ImageStatusResponse {
-            image: Some(cri_image(&record)),
-            info,
-        }))
+        image_status::image_status(&self.images, request).await
     }
 
     async fn pull_image(
         &self,
         request: Request<v1::PullImageRequest>,
     ) -> Result<Response<v1::PullImageResponse>, Status> {
-        let request = request.into_inner();
-        let reference = requested_image(request.image)?;
-        let credentials = credentials_from_auth(request.auth)?;
-
-        let pull = spawn_pull(
-            Arc::clone(&self.images),
-            "PullImage",
-            reference,
-            credentials,
-            None,
-        );
-        let record = join_task(pull, "pull")
-            .await?
-            .map_err(|error| image_error_status(&error))?;
-        Ok(Response::new(v1::PullImageResponse {
-            image_ref: record.id,
-        }))
+        image_pull::pull_image(&self.images, request).await
     }
 
     async fn remove_image(
         &self,
         request: Request<v1::RemoveImageRequest>,
     ) -> Result<Response<v1::RemoveImageResponse>, Status> {
-        let name = requested_image(request.into_inner().image)?;
-
-        // Run the removal in its own task so a client that goes away does
-        // not stop it between freeing blobs and updating the metadata.
-        let images = Arc::clone(&self.images);
-        let removal = tokio::spawn(async move {
-            let result = images.remove(&name).await;
-            log_removal(&name, &result);
-            result
-        });
-        match join_task(removal, "removal").await? {
-            // RemoveImage is idempotent: an image that is already gone is fine.
-            Ok(_) | Err(ImageError::NotFound { .. }) => {
-                Ok(Response::new(v1::RemoveImageResponse {}))
-            }
-            Err(error) => Err(image_error_status(&error)),
-        }
+        image_remove::remove_image(&self.images, request).await
     }
 
     async fn image_fs_info(
         &self,
-        _request: Request<v1::ImageFsInfoRequest>,
+        request: Request<v1::ImageFsInfoRequest>,
     ) -> Result<Response<v1::ImageFsInfoResponse>, Status> {
-        tracing::debug!("ImageFsInfo");
-        let usage = self
-            .images
-            .fs_usage()
-            .await
-            .map_err(|error| image_error_status(&error))?;
-        let filesystem = filesystem_usage(&usage, SystemTime::now());
-
-        // Container root filesystems live on the same store until the
-        // runtime has its own snapshot directory.
-        Ok(Response::new(v1::ImageFsInfoResponse {
-            image_filesystems: vec![filesystem.clone()],
-            container_filesystems: vec![filesystem],
-        }))
-    }
-}
-
-/// Starts a pull in its own task, so a client that goes away does not
-/// cancel it halfway, and logs its outcome once when it ends.
-pub(crate) fn spawn_pull(
-    images: Arc<ImageManager>,
-    rpc: &'static str,
-    reference: String,
-    credentials: Option<Credentials>,
-    progress: Option<PullProgress>,
-) -> JoinHandle<Result<ImageRecord, ImageError>> {
-    tokio::spawn(async move {
-        let result = images.pull(&reference, credentials, progress).await;
-        match &result {
-            Ok(record) => {
-                tracing::info!(rpc, image.r#ref = %reference, image.id = %record.id, "pulled image");
-            }
-            Err(error) => {
-                let error = error_chain(error);
-                tracing::info!(rpc, image.r#ref = %reference, %error, "image pull failed");
-            }
-        }
-        result
-    })
-}
-
-fn log_removal(name: &str, result: &Result<Option<ImageRecord>, ImageError>) {
-    match result {
-        Ok(Some(record)) => {
-            tracing::info!(image.r#ref = %name, image.id = %record.id, "removed image");
-        }
-        Ok(None) | Err(ImageError::NotFound { .. }) => {
-            tracing::info!(image.r#ref = %name, "image to remove was already gone");
-        }
-        Err(error) => {
-            let error = error_chain(error);
-            tracing::info!(image.r#ref = %name, %error, "image removal failed");
-        }
+        image_fs_info::image_fs_info(&self.images, request).await
     }
 }
 
@@ -190,7 +70,7 @@ pub(crate) async fn join_task<T>(task: JoinHandle<T>, operation: &str) -> Result
 
 /// Runs a synchronous image manager call on the blocking pool, because it
 /// may read metadata files.
-async fn run_blocking<T, F>(images: &Arc<ImageManager>, call: F) -> Result<T, Status>
+pub(crate) async fn run_blocking<T, F>(images: &Arc<ImageManager>, call: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: FnOnce(&ImageManager) -> T + Send + 'static,
@@ -200,7 +80,7 @@ where
 }
 
 /// Finds an image by name, ID or digest, or returns `None` when none matches.
-async fn find_image(
+pub(crate) async fn find_image(
     images: &Arc<ImageManager>,
     name: String,
 ) -> Result<Option<ImageRecord>, Status> {
@@ -212,90 +92,11 @@ async fn find_image(
 }
 
 /// Returns the image name of a request, rejecting a missing or empty one.
-fn requested_image(spec: Option<v1::ImageSpec>) -> Result<String, Status> {
+pub(crate) fn requested_image(spec: Option<v1::ImageSpec>) -> Result<String, Status> {
     match spec {
         Some(spec) if !spec.image.is_empty() => Ok(spec.image),
         _ => Err(Status::invalid_argument("image reference is empty")),
     }
-}
-
-/// Builds the `info` value of a verbose ImageStatus: a JSON object with the
-/// image config, the manifest digest, the chain IDs and the layers. The keys
-/// `imageSpec` and `chainID` (the top layer's chain ID) match containerd
-/// 1.6.20, so scripts that read `crictl inspecti` output work on both.
-async fn verbose_info(images: &Arc<ImageManager>, record: &ImageRecord) -> Result<String, Status> {
-    let stored = record.clone();
-    let config = run_blocking(images, move |images| images.image_config(&stored))
-        .await?
-        .map_err(|error| image_error_status(&error))?;
-
-    let layers: Vec<_> = record
-        .layers
-        .iter()
-        .map(|layer| {
-            json!({
-                "digest": layer.digest,
-                "mediaType": layer.media_type,
-                "size": layer.size,
-                "diffID": layer.diff_id,
-            })
-        })
-        .collect();
-    let chain_ids: Vec<&str> = record
-        .layers
-        .iter()
-        .map(|layer| layer.chain_id.as_str())
-        .collect();
-
-    let info = json!({
-        "imageSpec": config,
-        "chainID": chain_ids.last().copied().unwrap_or_default(),
-        "manifestDigest": record.manifest_digest,
-        "chainIDs": chain_ids,
-        "layers": layers,
-    });
-    Ok(info.to_string())
-}
-
-/// Converts CRI registry credentials. `username`/`password` win over `auth`,
-/// which contains base64 of `user:password` as in a Docker config file.
-/// `server_address` is ignored: the image reference names the registry.
-fn credentials_from_auth(auth: Option<v1::AuthConfig>) -> Result<Option<Credentials>, Status> {
-    let Some(auth) = auth else {
-        return Ok(None);
-    };
-
-    let (username, password) = if !auth.username.is_empty() || !auth.password.is_empty() {
-        (auth.username, auth.password)
-    } else if !auth.auth.is_empty() {
-        decode_auth(&auth.auth)?
-    } else {
-        (String::new(), String::new())
-    };
-
-    let credentials = Credentials {
-        username,
-        password,
-        identity_token: auth.identity_token,
-        registry_token: auth.registry_token,
-    };
-    let anonymous = credentials.username.is_empty()
-        && credentials.password.is_empty()
-        && credentials.identity_token.is_empty()
-        && credentials.registry_token.is_empty();
-    Ok((!anonymous).then_some(credentials))
-}
-
-/// Decodes an `auth` field. Errors never echo it, because it is a secret.
-fn decode_auth(auth: &str) -> Result<(String, String), Status> {
-    let invalid =
-        || Status::invalid_argument("auth config field `auth` is not base64 of \"user:password\"");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(auth.trim())
-        .map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let (username, password) = text.split_once(':').ok_or_else(invalid)?;
-    Ok((username.to_owned(), password.to_owned()))
 }
 
 /// Converts a stored image to the CRI `Image` message. Tags and digests are
@@ -336,30 +137,8 @@ fn image_user(user: &str) -> (Option<i64>, String) {
     }
 }
 
-fn filesystem_usage(usage: &FsUsage, now: SystemTime) -> v1::FilesystemUsage {
-    let timestamp = now
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or_default();
-    v1::FilesystemUsage {
-        timestamp,
-        fs_id: Some(v1::FilesystemIdentifier {
-            mountpoint: usage.mountpoint.display().to_string(),
-        }),
-        used_bytes: Some(v1::UInt64Value {
-            value: usage.used_bytes,
-        }),
-        inodes_used: Some(v1::UInt64Value {
-            value: usage.inodes_used,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::time::Duration;
-
     use super::*;
 
     fn record(user: &str) -> ImageRecord {
@@ -449,99 +228,11 @@ mod tests {
     }
 
     #[test]
-    fn credentials_absent_or_empty_mean_anonymous() {
-        assert!(credentials_from_auth(None).expect("no auth").is_none());
-        let empty = credentials_from_auth(Some(v1::AuthConfig::default())).expect("empty auth");
-        assert!(empty.is_none());
-    }
-
-    #[test]
-    fn credentials_come_from_username_and_password() {
-        let auth = v1::AuthConfig {
-            username: "hatoba".into(),
-            password: "hatoba-basic-pw".into(),
-            auth: base64::engine::general_purpose::STANDARD.encode("other:secret"),
-            server_address: "127.0.0.1:5001".into(),
-            ..Default::default()
-        };
-        let credentials = credentials_from_auth(Some(auth))
-            .expect("valid auth")
-            .expect("credentials present");
-        assert_eq!(credentials.username, "hatoba");
-        assert_eq!(credentials.password, "hatoba-basic-pw");
-    }
-
-    #[test]
-    fn credentials_come_from_base64_auth() {
-        let auth = v1::AuthConfig {
-            auth: base64::engine::general_purpose::STANDARD.encode("hatoba:pass:with:colons"),
-            ..Default::default()
-        };
-        let credentials = credentials_from_auth(Some(auth))
-            .expect("valid auth")
-            .expect("credentials present");
-        assert_eq!(credentials.username, "hatoba");
-        assert_eq!(credentials.password, "pass:with:colons");
-    }
-
-    #[test]
-    fn credentials_carry_tokens() {
-        let auth = v1::AuthConfig {
-            identity_token: "refresh".into(),
-            registry_token: "bearer".into(),
-            ..Default::default()
-        };
-        let credentials = credentials_from_auth(Some(auth))
-            .expect("valid auth")
-            .expect("credentials present");
-        assert_eq!(credentials.identity_token, "refresh");
-        assert_eq!(credentials.registry_token, "bearer");
-        assert!(credentials.username.is_empty());
-    }
-
-    #[test]
-    fn bad_auth_is_invalid_argument() {
-        for auth in ["%%%not-base64%%%", "bm9jb2xvbg=="] {
-            let status = credentials_from_auth(Some(v1::AuthConfig {
-                auth: auth.into(),
-                ..Default::default()
-            }))
-            .expect_err("bad auth is rejected");
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{auth}");
-            assert!(!status.message().contains(auth), "{}", status.message());
-        }
-    }
-
-    #[test]
     fn empty_image_reference_is_invalid_argument() {
         let cases = [None, Some(v1::ImageSpec::default())];
         for spec in cases {
             let status = requested_image(spec).expect_err("empty reference is rejected");
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
         }
-    }
-
-    #[test]
-    fn filesystem_usage_reports_store_usage() {
-        let usage = FsUsage {
-            mountpoint: PathBuf::from("/var/lib/hatoba/images"),
-            used_bytes: 4096,
-            inodes_used: 12,
-        };
-        let now = UNIX_EPOCH + Duration::from_secs(2);
-        let filesystem = filesystem_usage(&usage, now);
-        assert_eq!(filesystem.timestamp, 2_000_000_000);
-        assert_eq!(
-            filesystem.fs_id.expect("fs_id is set").mountpoint,
-            "/var/lib/hatoba/images"
-        );
-        assert_eq!(
-            filesystem.used_bytes.expect("used_bytes is set").value,
-            4096
-        );
-        assert_eq!(
-            filesystem.inodes_used.expect("inodes_used is set").value,
-            12
-        );
     }
 }
