@@ -37,7 +37,10 @@ pub async fn run(socket: &Path, command: ImageCommand) -> anyhow::Result<()> {
         } => list(&mut connect(socket).await?, quiet, digests, format).await,
         ImageCommand::Rm { names } => remove(&mut connect(socket).await?, &names).await,
         ImageCommand::Inspect { names } => inspect(&mut connect(socket).await?, &names).await,
-        ImageCommand::Load { input } => {
+        ImageCommand::Load { file, input } => {
+            let input = file
+                .or(input)
+                .context("name the archive to load: hatoba image load FILE")?;
             // Open the archive before connecting, so a wrong path fails first.
             let archive = tokio::fs::File::open(&input)
                 .await

@@ -101,8 +101,11 @@ enum ImageCommand {
     /// Load images from an OCI layout or `docker save` archive
     Load {
         /// Archive file (tar, optionally gzip-compressed)
-        #[arg(long, short, value_name = "FILE")]
-        input: PathBuf,
+        #[arg(value_name = "FILE", required_unless_present = "input")]
+        file: Option<PathBuf>,
+        /// Archive file, as podman's `-i` option names it
+        #[arg(long, short, value_name = "FILE", conflicts_with = "file")]
+        input: Option<PathBuf>,
     },
 }
 
@@ -192,9 +195,27 @@ mod tests {
     fn image_load_takes_input_file() {
         let cli =
             Cli::try_parse_from(["hatoba", "image", "load", "-i", "/tmp/a.tar"]).expect("parses");
-        let Command::Image(ImageCommand::Load { input }) = cli.command else {
+        let Command::Image(ImageCommand::Load { file, input }) = cli.command else {
             panic!("expected image load, got {:?}", cli.command);
         };
-        assert_eq!(input, PathBuf::from("/tmp/a.tar"));
+        assert_eq!(file, None);
+        assert_eq!(input, Some(PathBuf::from("/tmp/a.tar")));
+    }
+
+    #[test]
+    fn image_load_takes_positional_file() {
+        let cli = Cli::try_parse_from(["hatoba", "image", "load", "/tmp/a.tar"]).expect("parses");
+        let Command::Image(ImageCommand::Load { file, input }) = cli.command else {
+            panic!("expected image load, got {:?}", cli.command);
+        };
+        assert_eq!(file, Some(PathBuf::from("/tmp/a.tar")));
+        assert_eq!(input, None);
+    }
+
+    #[test]
+    fn image_load_needs_exactly_one_file() {
+        assert!(Cli::try_parse_from(["hatoba", "image", "load"]).is_err());
+        let both = ["hatoba", "image", "load", "/tmp/a.tar", "-i", "/tmp/b.tar"];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 }

@@ -230,13 +230,18 @@ async fn image_rm_unknown_name_fails() {
     );
 }
 
-/// Loads `archive` through the CLI and checks that `reference` is loaded
-/// and listed.
-async fn assert_image_load(env: &TestEnv, archive: &Path, reference: &str) {
+/// Loads `archive` through the CLI, named after `flag` (`-i`) or on its
+/// own when `flag` is empty, and checks that `reference` is loaded and listed.
+async fn assert_image_load(env: &TestEnv, archive: &Path, flag: &str, reference: &str) {
     let mut harness = Harness::start(env).await;
     let archive = archive.to_str().expect("the archive path is UTF-8");
+    let mut args = vec!["image", "load"];
+    if !flag.is_empty() {
+        args.push(flag);
+    }
+    args.push(archive);
 
-    let stdout = hatoba_ok(harness.daemon.socket(), &["image", "load", "-i", archive]);
+    let stdout = hatoba_ok(harness.daemon.socket(), &args);
 
     assert!(
         stdout.contains(reference),
@@ -255,14 +260,14 @@ async fn assert_image_load(env: &TestEnv, archive: &Path, reference: &str) {
 async fn image_load_oci_archive() {
     let Some(env) = test_env() else { return };
     let reference = archive_reference(&env.archives.oci_reference, "loaded-oci", &env.open);
-    assert_image_load(&env, &env.archives.oci, &reference).await;
+    assert_image_load(&env, &env.archives.oci, "", &reference).await;
 }
 
 #[tokio::test]
 async fn image_load_docker_archive() {
     let Some(env) = test_env() else { return };
     let reference = archive_reference(&env.archives.docker_reference, "loaded-docker", &env.open);
-    assert_image_load(&env, &env.archives.docker, &reference).await;
+    assert_image_load(&env, &env.archives.docker, "-i", &reference).await;
 }
 
 /// Returns the name stored in an archive: the one env.json records, or the
