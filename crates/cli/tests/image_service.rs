@@ -292,6 +292,34 @@ async fn pull_multiarch_records_index_digest() {
 }
 
 #[tokio::test]
+async fn pull_restores_missing_blob_of_kept_snapshot() {
+    let Some(env) = test_env() else { return };
+    let busybox = fixture(&env, "busybox");
+    let mut harness = pull_fixture(&env, "busybox").await;
+    let (algorithm, hex) = busybox.layers[0]
+        .digest
+        .split_once(':')
+        .expect("the layer digest has an algorithm");
+    let blob = harness
+        .daemon
+        .root()
+        .join("images/blobs")
+        .join(algorithm)
+        .join(hex);
+    // What a collection racing with a pull could leave: the snapshot is
+    // kept for another image while the blob is gone.
+    std::fs::remove_file(&blob).expect("remove the layer blob");
+
+    harness.pull_ok(&busybox.reference).await;
+
+    assert!(
+        blob.is_file(),
+        "pulling again should fetch the missing blob {}",
+        blob.display()
+    );
+}
+
+#[tokio::test]
 async fn pull_zstd_unpacks_zstd_layers() {
     let Some(env) = test_env() else { return };
     let harness = pull_fixture(&env, "zstd").await;

@@ -99,7 +99,12 @@ async fn load_images(inner: &Arc<Inner>, archive: &Path) -> Result<Vec<ImageReco
             .buffer_unordered(limit)
             .try_collect::<Vec<bool>>()
             .await?;
-        records.push(commit(inner, plan.record()).await?);
+        let loaded = plan.record();
+        let mut stored = commit(inner, loaded.clone()).await?;
+        // Report the names this archive gave, not those the image had before.
+        stored.repo_tags = loaded.repo_tags;
+        stored.repo_digests = loaded.repo_digests;
+        records.push(stored);
     }
     drop(leases);
     Ok(records)
@@ -397,15 +402,20 @@ fn plan_oci_images(
             .as_ref()
             .map_or_else(|| top_digest.to_string(), Reference::to_string);
 
-        let (manifest_digest, manifest_media_type, manifest) =
-            resolve_manifest(content, &label, top_digest.clone(), platform)?;
+        let (manifest_digest, manifest_media_type, manifest) = resolve_manifest(
+            content,
+            &label,
+            top_digest.clone(),
+            descriptor.size,
+            platform,
+        )?;
         let manifest_size = content_size(content, &manifest_digest)?;
         let config_digest = parse_digest(&label, &manifest.config.digest)?;
-        require_blob(content, &label, &config_digest)?;
+        require_blob(content, &label, &config_digest, manifest.config.size)?;
         let config = ImageConfigSummary::parse(&label, &content.read(&config_digest)?)?;
         let layers = plan_layers(&label, &manifest.layers, &config.diff_ids)?;
         for layer in &layers {
-            require_blob(content, &label, &layer.digest)?;
+            require_blob(content, &label, &layer.digest, layer.size)?;
         }
 
         let (repo_tags, repo_digests) = match &name {
@@ -439,10 +449,11 @@ fn resolve_manifest(
     content: &ContentStore,
     label: &str,
     mut digest: Digest,
+    mut size: u64,
     platform: &Platform,
 ) -> Result<(Digest, String, crate::registry::Manifest), ImageError> {
     for _ in 0..MAX_INDEX_DEPTH {
-        require_blob(content, label, &digest)?;
+        require_blob(content, label, &digest, size)?;
         match parse_document(label, &content.read(&digest)?)? {
             Document::Manifest(manifest) => {
                 let media_type = manifest.media_type.clone();
@@ -456,6 +467,7 @@ fn resolve_manifest(
                     }
                 })?;
                 digest = parse_digest(label, &child.digest)?;
+                size = child.size;
             }
         }
     }
@@ -481,14 +493,20 @@ fn image_name(annotations: &BTreeMap<String, String>) -> Result<Option<Reference
     Reference::parse(name).map(Some)
 }
 
-fn require_blob(content: &ContentStore, label: &str, digest: &Digest) -> Result<(), ImageError> {
-    if content.contains(digest) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
+/// Checks that a blob a descriptor names is in the archive, with the size
+/// the descriptor gives.
+fn require_blob(
+    content: &ContentStore,
+    label: &str,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), ImageError> {
+    if !content.contains(digest) {
+        return Err(invalid(format!(
             "blob {digest} of {label} is missing from the archive"
-        )))
+        )));
     }
+    content.check_size(label, digest, size)
 }
 
 fn content_size(content: &ContentStore, digest: &Digest) -> Result<u64, ImageError> {

@@ -70,6 +70,29 @@ impl ContentStore {
         self.blob_path(digest).is_file()
     }
 
+    /// Checks that a stored blob has the size a descriptor gives it. The
+    /// content of a stored blob matches its digest, but a manifest that
+    /// names a stored blob may still state another size.
+    pub(crate) fn check_size(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), ImageError> {
+        let path = self.blob_path(digest);
+        let actual = fs::metadata(&path)
+            .map_err(ImageError::storage("read blob size", &path))?
+            .len();
+        if actual == size {
+            return Ok(());
+        }
+        Err(ImageError::InvalidContent {
+            reference: reference.to_string(),
+            what: "descriptor",
+            reason: format!("blob {digest} has {actual} bytes, but its descriptor says {size}"),
+        })
+    }
+
     /// Streams a blob into the store, verifying its size and digest. Calls
     /// `on_progress` with the number of bytes received so far after each chunk.
     /// Nothing is stored when the stream fails or the content does not match.
@@ -104,6 +127,12 @@ impl ContentStore {
         }
 
         check_complete(expected, received, hasher.finish())?;
+        // tokio's `write_all` returns before the write lands, and its
+        // `sync_all` drops the error of that last write (ENOSPC included),
+        // so `flush` must collect it first.
+        file.flush()
+            .await
+            .map_err(|source| ingest.error("write ingest file", source))?;
         file.sync_all()
             .await
             .map_err(|source| ingest.error("sync ingest file", source))?;
@@ -421,6 +450,65 @@ mod tests {
         assert!(store.contains(&digest));
         assert_eq!(store.read(&digest).expect("read blob"), b"hello world");
         assert!(ingest_is_empty(dir.path()));
+    }
+
+    /// A tmpfs of 64 KiB mounted on a temporary directory, unmounted on drop.
+    struct SmallFs(tempfile::TempDir);
+
+    impl SmallFs {
+        fn mount() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "hatoba-test"])
+                .arg(dir.path())
+                .status()
+                .expect("run mount");
+            assert!(status.success(), "mount tmpfs on {}", dir.path().display());
+            Self(dir)
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn full_disk_fails_the_write_and_stores_nothing() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!(
+                "skipped: full_disk_fails_the_write_and_stores_nothing needs root to mount tmpfs"
+            );
+            return;
+        }
+        let small = SmallFs::mount();
+        let store = ContentStore::new(small.0.path());
+        store.init().expect("init store");
+        let blob: &'static [u8] = Box::leak(vec![7u8; 256 * 1024].into_boxed_slice());
+        let digest = Digest::sha256_of(blob);
+
+        let err = store
+            .write_stream(
+                Expected {
+                    reference: "test",
+                    digest: &digest,
+                    size: Some(blob.len() as u64),
+                },
+                chunks(&[blob]),
+                |_| {},
+            )
+            .await
+            .expect_err("a blob larger than the file system must fail");
+
+        let ImageError::Storage { source, .. } = &err else {
+            panic!("expected a storage error, got {err}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::StorageFull, "{err}");
+        assert!(!store.contains(&digest));
+        assert!(ingest_is_empty(small.0.path()));
     }
 
     #[tokio::test]

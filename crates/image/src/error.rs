@@ -14,7 +14,7 @@ pub enum ImageError {
     #[error("registry {registry} is unavailable: {reason}")]
     RegistryUnavailable { registry: String, reason: String },
 
-    #[error("registry {registry} rejected the credentials for {reference:?}: {reason}")]
+    #[error("registry {registry} denied access to {reference:?}: {reason}")]
     Unauthenticated {
         registry: String,
         reference: String,

@@ -284,7 +284,9 @@ impl ImageManager {
     }
 
     /// Loads every image of an OCI image layout archive or a `docker save`
-    /// archive (tar, optionally gzip-compressed).
+    /// archive (tar, optionally gzip-compressed). Returns each image with the
+    /// names the archive gives it. An image that is already stored keeps its
+    /// content and other names.
     pub async fn load(&self, archive: &Path) -> Result<Vec<ImageRecord>, ImageError> {
         crate::archive::load(&self.inner, archive).await
     }
@@ -386,6 +388,15 @@ pub(crate) fn find_in(
         return Ok(images.get(name).cloned());
     }
 
+    // A name wins over an ID prefix, as in Docker: `cafe` is a repository
+    // name before it is the start of an ID.
+    let parsed = Reference::parse(name);
+    if let Ok(reference) = &parsed
+        && let Some(image) = find_by_reference(images, reference)
+    {
+        return Ok(Some(image.clone()));
+    }
+
     // A truncated ID may also be written as a digest (`sha256:02218a83`), as
     // containerd accepts it.
     let prefix = name.strip_prefix("sha256:").unwrap_or(name);
@@ -393,29 +404,33 @@ pub(crate) fn find_in(
         && prefix
             .bytes()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if is_hex {
-        let name = prefix;
-        let mut matches = images.values().filter(|image| {
-            image
-                .id
-                .strip_prefix("sha256:")
-                .is_some_and(|h| h.starts_with(name))
-        });
-        match (matches.next(), matches.next()) {
-            (Some(image), None) => return Ok(Some(image.clone())),
-            (Some(_), Some(_)) => {
-                return Err(ImageError::InvalidReference {
-                    reference: name.to_string(),
-                    reason: "the ID prefix is ambiguous: it matches more than one image, give more characters".into(),
-                });
-            }
-            // A hex string is also a valid repository name, such as `cafe`.
-            (None, _) => {}
-        }
+    if !is_hex {
+        return parsed.map(|_| None);
     }
+    let mut matches = images.values().filter(|image| {
+        image
+            .id
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.starts_with(prefix))
+    });
+    match (matches.next(), matches.next()) {
+        (Some(image), None) => Ok(Some(image.clone())),
+        (Some(_), Some(_)) => Err(ImageError::InvalidReference {
+            reference: name.to_string(),
+            reason:
+                "the ID prefix is ambiguous: it matches more than one image, give more characters"
+                    .into(),
+        }),
+        (None, _) => Ok(None),
+    }
+}
 
-    let reference = Reference::parse(name)?;
-    let found = match &reference.digest {
+/// Finds the image that has a reference's tag or digest among its names.
+fn find_by_reference<'a>(
+    images: &'a crate::store::Images,
+    reference: &Reference,
+) -> Option<&'a ImageRecord> {
+    match &reference.digest {
         Some(digest) => {
             let pinned = reference.with_digest(digest);
             let repo = reference.name();
@@ -430,8 +445,7 @@ pub(crate) fn find_in(
                 .values()
                 .find(|image| tagged.as_ref().is_some_and(|t| image.repo_tags.contains(t)))
         }
-    };
-    Ok(found.cloned())
+    }
 }
 
 /// Returns whether any name of the image is in repository `repo`.

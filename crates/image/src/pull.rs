@@ -155,18 +155,19 @@ impl Source<'_> {
     /// if needed and unpacks it.
     async fn prepare_layer(&self, layer: &PlannedLayer) -> Result<(), ImageError> {
         let digest = layer.digest.to_string();
-        // A reused snapshot needs no blob, so nothing is fetched for it even
-        // when the blob is absent. Both events still mark the layer as done.
-        let reused = |progress| {
+        // A reused snapshot still needs its blob in the store, because the
+        // image record names it: a collection may have freed the blob while
+        // another image kept the snapshot.
+        let reused = |blob_reused| {
             send(
-                progress,
+                self.progress,
                 PullEvent::Downloaded {
                     digest: digest.clone(),
-                    reused: true,
+                    reused: blob_reused,
                 },
             );
             send(
-                progress,
+                self.progress,
                 PullEvent::Unpacked {
                     digest: digest.clone(),
                     reused: true,
@@ -174,7 +175,7 @@ impl Source<'_> {
             );
         };
         if self.inner.snapshots.exists(&layer.chain_id) {
-            reused(self.progress);
+            reused(self.ensure_blob(&layer.digest, layer.size).await?);
             return Ok(());
         }
 
@@ -184,7 +185,7 @@ impl Source<'_> {
             .lock(Resource::Snapshot(layer.chain_id.clone()))
             .await;
         if self.inner.snapshots.exists(&layer.chain_id) {
-            reused(self.progress);
+            reused(self.ensure_blob(&layer.digest, layer.size).await?);
             return Ok(());
         }
 
@@ -212,15 +213,17 @@ impl Source<'_> {
     /// whether it was already there. Concurrent calls for one digest fetch
     /// it once.
     async fn ensure_blob(&self, digest: &Digest, size: u64) -> Result<bool, ImageError> {
+        let name = self.reference.to_string();
         if self.inner.content.contains(digest) {
+            self.inner.content.check_size(&name, digest, size)?;
             return Ok(true);
         }
         let _lock = self.inner.locks.lock(Resource::Blob(digest.clone())).await;
         if self.inner.content.contains(digest) {
+            self.inner.content.check_size(&name, digest, size)?;
             return Ok(true);
         }
 
-        let name = self.reference.to_string();
         let blob = self
             .inner
             .registry
@@ -507,8 +510,8 @@ pub(crate) async fn commit(
 
 /// Adds `record` to `images`. Its names move to it from any other image,
 /// and another image left without any name is removed, as containerd does.
-/// An existing record of the same image gains the new names. Returns the
-/// stored record and how many images were removed.
+/// An existing record of the same image gains the new names and keeps its
+/// content. Returns the stored record and how many images were removed.
 pub(crate) fn merge_record(images: &mut Images, mut record: ImageRecord) -> (ImageRecord, usize) {
     let mut orphans = Vec::new();
     for other in images.values_mut().filter(|other| other.id != record.id) {
@@ -542,9 +545,14 @@ pub(crate) fn merge_record(images: &mut Images, mut record: ImageRecord) -> (Ima
                 .filter(|d| !existing.repo_digests.contains(d))
                 .cloned(),
         );
-        record.repo_tags = tags;
-        record.repo_digests = digests;
-        record.pinned = existing.pinned;
+        // The stored manifest and layers stay: the same config can come in
+        // another manifest (other compression, an archive), and replacing
+        // them would let a collection free blobs the old names point at.
+        record = ImageRecord {
+            repo_tags: tags,
+            repo_digests: digests,
+            ..existing.clone()
+        };
     }
     images.insert(record.id.clone(), record.clone());
     (record, orphans.len())

@@ -192,12 +192,15 @@ fn split_registry(name: &str) -> Result<(String, String), String> {
     Ok((registry, repository))
 }
 
-/// Maps the older Docker Hub host names to `docker.io`.
+/// Lowercases a registry host, since host names are case-insensitive and
+/// settings are keyed by them, and maps the older Docker Hub host names to
+/// `docker.io`.
 pub(crate) fn normalize_registry(host: &str) -> String {
-    if DOCKER_HUB_ALIASES.contains(&host) {
+    let host = host.to_ascii_lowercase();
+    if DOCKER_HUB_ALIASES.contains(&host.as_str()) {
         DOCKER_HUB.to_string()
     } else {
-        host.to_string()
+        host
     }
 }
 
@@ -206,7 +209,9 @@ pub(crate) fn normalize_registry(host: &str) -> String {
 fn check_registry(registry: &str) -> Result<(), String> {
     let bad = || format!("registry {registry:?} is not a valid host[:port]");
     let (host, port) = split_host_port(registry).ok_or_else(bad)?;
-    let port_ok = |port: &str| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    let port_ok = |port: &str| {
+        port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0)
+    };
     if !port.is_none_or(port_ok) {
         return Err(bad());
     }
@@ -332,6 +337,13 @@ mod tests {
         assert_eq!(parse("localhost/app").registry, "localhost");
         assert_eq!(parse("localhost:5000/a/b/c").repository, "a/b/c");
         assert_eq!(parse("[::1]:5000/foo:1").registry, "[::1]:5000");
+    }
+
+    #[test]
+    fn registry_host_is_lowercased() {
+        assert_eq!(parse("LocalHost:5000/app").registry, "localhost:5000");
+        assert_eq!(parse("Quay.IO/coreos/etcd").registry, "quay.io");
+        assert_eq!(parse("Docker.IO/library/busybox").registry, "docker.io");
     }
 
     #[test]
@@ -463,6 +475,8 @@ mod tests {
             "reg.io:/app",
             "-reg.io/app",
             "[zz]:5000/app",
+            "127.0.0.1:99999/app",
+            "127.0.0.1:0/app",
         ] {
             assert!(reason(input).contains("registry"), "{input}");
         }

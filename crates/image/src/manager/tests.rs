@@ -715,6 +715,114 @@ fn ambiguous_id_prefix_is_an_error() {
 }
 
 #[tokio::test]
+async fn loading_a_stored_image_keeps_its_content() {
+    let store = TestStore::open().await;
+    let image = TestImage::new(&[&[("a", b"1")]], "");
+    let oci = oci_archive(&[(
+        &image,
+        json!({ "io.containerd.image.name": "docker.io/library/first:latest" }),
+    )]);
+    let first = store.load_bytes(&oci).await.expect("load OCI archive");
+
+    // The docker archive carries the same config with uncompressed layers
+    // and a manifest the loader builds.
+    let loaded = store
+        .load_bytes(&docker_archive(&image, &["second:latest"]))
+        .await
+        .expect("load docker archive");
+
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].repo_tags, ["docker.io/library/second:latest"]);
+    let stored = store
+        .manager
+        .find("second")
+        .expect("find second")
+        .expect("second is stored");
+    assert_eq!(stored.manifest_digest, first[0].manifest_digest);
+    assert_eq!(stored.layers, first[0].layers);
+    assert_eq!(stored.size, first[0].size);
+    assert_eq!(
+        stored.repo_tags,
+        [
+            "docker.io/library/first:latest",
+            "docker.io/library/second:latest"
+        ]
+    );
+    let layer = &first[0].layers[0].digest;
+    let layer_blob = store
+        .root()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert!(layer_blob.is_file(), "the first load's layer {layer} stays");
+}
+
+#[tokio::test]
+async fn load_rejects_layer_size_that_lies() {
+    let store = TestStore::open().await;
+    let mut image = TestImage::new(&[&[("a", b"1")]], "");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&image.manifest).expect("parse manifest");
+    manifest["layers"][0]["size"] = json!(1u64 << 62);
+    image.manifest = serde_json::to_vec(&manifest).expect("encode manifest");
+    let archive = oci_archive(&[(
+        &image,
+        json!({ "io.containerd.image.name": "docker.io/library/liar:latest" }),
+    )]);
+
+    let err = store
+        .load_bytes(&archive)
+        .await
+        .expect_err("a layer size that differs from the blob must be rejected");
+
+    assert!(
+        matches!(
+            err,
+            ImageError::InvalidContent {
+                what: "descriptor",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(store.manager.list().is_empty(), "nothing is loaded");
+}
+
+#[test]
+fn name_wins_over_id_prefix() {
+    let record = |hex: String, tag: &str| ImageRecord {
+        id: format!("sha256:{hex}"),
+        repo_tags: vec![tag.to_string()],
+        repo_digests: vec![],
+        manifest_digest: String::new(),
+        manifest_media_type: String::new(),
+        config_digest: String::new(),
+        layers: vec![],
+        size: 0,
+        user: String::new(),
+        created: None,
+        pinned: false,
+    };
+    let prefixed = record(
+        format!("cafe{}", "1".repeat(60)),
+        "docker.io/library/other:latest",
+    );
+    let named = record("2".repeat(64), "docker.io/library/cafe:latest");
+    let images = Images::from([
+        (prefixed.id.clone(), prefixed.clone()),
+        (named.id.clone(), named.clone()),
+    ]);
+
+    let found = find_in(&images, "cafe").expect("find cafe");
+    assert_eq!(found.map(|r| r.id), Some(named.id), "the name cafe wins");
+    let found = find_in(&images, "sha256:cafe").expect("find sha256:cafe");
+    assert_eq!(
+        found.map(|r| r.id),
+        Some(prefixed.id),
+        "sha256: marks an ID"
+    );
+}
+
+#[tokio::test]
 async fn remove_frees_only_unshared_content() {
     let store = TestStore::open().await;
     let shared: &[(&str, &[u8])] = &[("base", b"shared base layer")];
