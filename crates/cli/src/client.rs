@@ -19,6 +19,8 @@ pub struct Clients {
     pub runtime: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
     pub hatoba: HatobaClient<Channel>,
+    /// The daemon's socket, named when the connection breaks.
+    pub socket: PathBuf,
 }
 
 /// Connecting to the daemon failed.
@@ -88,16 +90,82 @@ pub async fn connect(socket: &Path) -> Result<Clients, ConnectError> {
         images: ImageServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE),
         hatoba: HatobaClient::new(channel),
+        socket: socket.to_owned(),
     })
 }
 
+impl Clients {
+    /// Turns a failed call into an error, see [`call_failed`].
+    pub fn call_failed(&self, context: &str, status: tonic::Status) -> anyhow::Error {
+        call_failed(&self.socket, context, status)
+    }
+}
+
 /// Turns a failed call into an error that carries the daemon's message
-/// without tonic's debug rendering of the status.
-pub fn call_failed(context: &str, status: tonic::Status) -> anyhow::Error {
+/// without tonic's debug rendering of the status. A status that the client
+/// raised because the connection broke reports the lost connection and
+/// names the socket, in place of the HTTP/2 error.
+pub fn call_failed(socket: &Path, context: &str, status: tonic::Status) -> anyhow::Error {
+    // Statuses sent by the daemon arrive as headers and have no source.
+    // tonic attaches the transport error to the statuses it raises itself.
+    if let Some(cause) = std::error::Error::source(&status) {
+        return anyhow::anyhow!(
+            "{context}: lost the connection to hatoba at {}: {}",
+            socket.display(),
+            hatoba_cri::error_chain(cause)
+        );
+    }
     let message = status.message();
     if message.is_empty() {
         anyhow::anyhow!("{context}: {:?}", status.code())
     } else {
         anyhow::anyhow!("{context}: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use tonic::{Code, Status};
+
+    use super::*;
+
+    #[test]
+    fn daemon_statuses_keep_their_message() {
+        let socket = Path::new("/run/hatoba/hatoba.sock");
+        let error = call_failed(
+            socket,
+            "failed to pull a.io/app",
+            Status::new(Code::NotFound, "image a.io/app not found"),
+        );
+        assert_eq!(
+            error.to_string(),
+            "failed to pull a.io/app: image a.io/app not found"
+        );
+        let error = call_failed(
+            socket,
+            "failed to list images",
+            Status::new(Code::Internal, ""),
+        );
+        assert_eq!(error.to_string(), "failed to list images: Internal");
+    }
+
+    #[test]
+    fn transport_errors_name_the_lost_connection() {
+        let status = Status::from_error(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        let error = call_failed(
+            Path::new("/run/hatoba/hatoba.sock"),
+            "failed to pull a.io/app",
+            status,
+        );
+        assert_eq!(
+            error.to_string(),
+            "failed to pull a.io/app: lost the connection to hatoba at /run/hatoba/hatoba.sock: \
+             connection reset by peer"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hatoba_cri::{DEFAULT_CONFIG_PATH, DaemonConfig, LogFormat};
+use hatoba_cri::{DEFAULT_CONFIG_PATH, DaemonConfig, LogFormat, check_log_filter};
 use tracing_subscriber::EnvFilter;
 
 /// How long blocking work (file I/O of the image store) may run after the
@@ -38,12 +38,15 @@ fn config_source(path: &Path, explicit: bool) -> Option<PathBuf> {
 }
 
 /// Logs to stderr as text or JSON. `RUST_LOG`, when set, overrides the
-/// config's `log_level`.
+/// config's `log_level` and is checked by the same rules.
 fn init_logging(config: &DaemonConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::builder()
-            .parse(&directives)
-            .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,
+        Ok(directives) if !directives.trim().is_empty() => {
+            check_log_filter(&directives).context("invalid RUST_LOG")?;
+            EnvFilter::builder()
+                .parse(&directives)
+                .with_context(|| format!("invalid RUST_LOG {directives:?}"))?
+        }
         _ => EnvFilter::builder()
             .parse(&config.log_level)
             .with_context(|| format!("invalid log_level {:?}", config.log_level))?,

@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::client::{Clients, call_failed, connect};
+use crate::client::{Clients, connect};
 use crate::format::{digest_for, human_size, short_id, split_repo_tag, table};
 use crate::{AlreadyReported, ImageCommand, OutputFormat, pull};
 
@@ -60,20 +60,20 @@ async fn list(
         .images
         .list_images(v1::ListImagesRequest { filter: None })
         .await
-        .map_err(|status| call_failed("failed to list images", status))?
+        .map_err(|status| clients.call_failed("failed to list images", status))?
         .into_inner()
         .images;
     images.sort_by(|a, b| a.repo_tags.cmp(&b.repo_tags).then(a.id.cmp(&b.id)));
 
     if quiet {
         for image in &images {
-            println!("{}", short_id(&image.id));
+            outln!("{}", short_id(&image.id))?;
         }
         return Ok(());
     }
     if format == OutputFormat::Json {
         let list: Vec<Value> = images.iter().map(image_summary).collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(());
     }
 
@@ -88,7 +88,7 @@ async fn list(
         .collect();
     // Repository, then tag.
     rows.sort_by(|a, b| a[..2].cmp(&b[..2]));
-    print!("{}", table(&header, &rows));
+    out!("{}", table(&header, &rows))?;
     Ok(())
 }
 
@@ -151,7 +151,7 @@ async fn image_status(
         .images
         .image_status(request)
         .await
-        .map_err(|status| call_failed(&format!("failed to look up image {name}"), status))?
+        .map_err(|status| clients.call_failed(&format!("failed to look up image {name}"), status))?
         .into_inner();
     Ok(response.image.is_some().then_some(response))
 }
@@ -162,7 +162,7 @@ async fn remove(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
     let mut failed = 0;
     for name in names {
         if let Err(error) = remove_one(clients, name).await {
-            eprintln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
+            errln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
             failed += 1;
         }
     }
@@ -186,12 +186,12 @@ async fn remove_one(clients: &mut Clients, name: &str) -> anyhow::Result<()> {
         .images
         .remove_image(request)
         .await
-        .map_err(|status| call_failed(&format!("failed to remove image {name}"), status))?;
+        .map_err(|status| clients.call_failed(&format!("failed to remove image {name}"), status))?;
 
     for tag in &image.repo_tags {
-        println!("Untagged: {tag}");
+        outln!("Untagged: {tag}")?;
     }
-    println!("Deleted: {}", image.id);
+    outln!("Deleted: {}", image.id)?;
     Ok(())
 }
 
@@ -204,12 +204,12 @@ async fn inspect(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> 
         match inspect_one(clients, name).await {
             Ok(details) => found.push(details),
             Err(error) => {
-                eprintln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
+                errln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
                 failed += 1;
             }
         }
     }
-    println!("{}", serde_json::to_string_pretty(&found)?);
+    outln!("{}", serde_json::to_string_pretty(&found)?)?;
     finish_batch(failed, names.len())
 }
 
@@ -280,18 +280,19 @@ async fn load(
         .await
         .context("the archive reader task failed")?
         .with_context(|| format!("failed to read {}", input.display()));
-    let response = result
-        .map_err(|status| call_failed(&format!("failed to load {}", input.display()), status));
+    let response = result.map_err(|status| {
+        clients.call_failed(&format!("failed to load {}", input.display()), status)
+    });
     // A read error explains a rejected upload better than the daemon can.
     read?;
     let loaded = response?.into_inner();
 
     for image in loaded.images {
         if image.repo_tags.is_empty() {
-            println!("Loaded image: {}", image.id);
+            outln!("Loaded image: {}", image.id)?;
         }
         for tag in image.repo_tags {
-            println!("Loaded image: {tag}");
+            outln!("Loaded image: {tag}")?;
         }
     }
     Ok(())

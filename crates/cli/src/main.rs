@@ -1,5 +1,9 @@
 //! `hatoba`: the daemon and the commands that talk to it.
 
+// First, so its macros are in scope in the modules below.
+#[macro_use]
+mod output;
+
 mod client;
 mod daemon;
 mod format;
@@ -10,14 +14,16 @@ mod system;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 /// A Kubernetes container runtime and node agent.
 #[derive(Debug, Parser)]
 #[command(name = "hatoba", version)]
 struct Cli {
     /// Socket of the hatoba daemon that client commands connect to
-    /// (`hatoba daemon` takes its socket from the config file)
+    /// (`hatoba daemon` takes its socket from the config file, and rejects this option)
     #[arg(
         long,
         global = true,
@@ -34,6 +40,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the CRI daemon in the foreground until SIGTERM or SIGINT
+    ///
+    /// The daemon serves on the `socket` set in its config file. It rejects
+    /// `--socket` and ignores HATOBA_SOCKET, which only client commands use.
     Daemon {
         /// Config file (without it, /etc/hatoba/config.toml is read if it exists)
         #[arg(long, value_name = "PATH")]
@@ -128,16 +137,39 @@ struct AlreadyReported {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|error| error.exit());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped reading, as `head` does, is not a failure.
+        Err(error) if output::is_closed_stdout(&error) => ExitCode::SUCCESS,
         Err(error) => {
             if !error.is::<AlreadyReported>() {
-                eprintln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
+                errln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the command line, rejecting `--socket` for `hatoba daemon`:
+/// the daemon would silently serve on the socket of its config file instead.
+fn parse_cli<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let socket_given = matches.value_source("socket") == Some(ValueSource::CommandLine);
+    if socket_given && matches!(cli.command, Command::Daemon { .. }) {
+        return Err(command.error(
+            ErrorKind::ArgumentConflict,
+            "hatoba daemon does not take --socket: set `socket` in its config file \
+             (/etc/hatoba/config.toml, or the file given with --config)",
+        ));
+    }
+    Ok(cli)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -161,8 +193,6 @@ fn block_on(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
-
     use super::*;
 
     #[test]
@@ -183,6 +213,30 @@ mod tests {
     fn socket_flag_works_after_the_subcommand() {
         let cli = Cli::try_parse_from(["hatoba", "image", "ls", "--socket", "/tmp/x.sock"])
             .expect("parses");
+        assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn daemon_rejects_the_socket_flag() {
+        for args in [
+            ["hatoba", "daemon", "--socket", "/tmp/x.sock"],
+            ["hatoba", "--socket", "/tmp/x.sock", "daemon"],
+        ] {
+            let error = parse_cli(args).expect_err("daemon with --socket is rejected");
+            assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
+            let message = error.to_string();
+            assert!(
+                message.contains("set `socket` in its config file"),
+                "{args:?}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn daemon_without_the_socket_flag_parses() {
+        let cli = parse_cli(["hatoba", "daemon", "--config", "/tmp/c.toml"]).expect("parses");
+        assert!(matches!(cli.command, Command::Daemon { .. }));
+        let cli = parse_cli(["hatoba", "version", "--socket", "/tmp/x.sock"]).expect("parses");
         assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
     }
 

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use hatoba_cri::proto::{self, pull_event::Event};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::client::{Clients, call_failed};
+use crate::client::Clients;
 use crate::format::{human_size, short_id};
 
 /// Pulls `reference` and prints its image ID on stdout. Progress goes to
@@ -33,7 +33,7 @@ pub async fn pull(
         .hatoba
         .pull_image(request)
         .await
-        .map_err(|status| call_failed(&context, status))?
+        .map_err(|status| clients.call_failed(&context, status))?
         .into_inner();
 
     let mut view = if quiet {
@@ -47,12 +47,12 @@ pub async fn pull(
     while let Some(message) = events
         .message()
         .await
-        .map_err(|status| call_failed(&context, status))?
+        .map_err(|status| clients.call_failed(&context, status))?
     {
         match message.event {
             Some(Event::Done(done)) => {
                 view.finish();
-                println!("{}", done.image_id);
+                outln!("{}", done.image_id)?;
                 return Ok(());
             }
             Some(event) => view.show(event),
@@ -103,10 +103,11 @@ struct Bars {
 
 impl Bars {
     fn new() -> Self {
-        let style =
-            ProgressStyle::with_template("{prefix} [{bar:20}] {bytes:>10}/{total_bytes:<10} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:20}] {decimal_bytes:>10}/{decimal_total_bytes:<10} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
         Self {
             multi: MultiProgress::new(),
             style,
@@ -185,9 +186,10 @@ impl Lines {
             Event::Resolved(resolved) => {
                 let count = resolved.layers.len();
                 let noun = if count == 1 { "layer" } else { "layers" };
-                eprintln!(
+                errln!(
                     "Pulling {} ({}, {count} {noun})",
-                    resolved.reference, resolved.manifest_digest
+                    resolved.reference,
+                    resolved.manifest_digest
                 );
                 for layer in resolved.layers {
                     self.sizes.insert(layer.digest, layer.size);
@@ -197,29 +199,29 @@ impl Lines {
             // config blob, which is not in the resolved layer list.
             Event::Downloading(progress) if self.sizes.contains_key(&progress.digest) => {
                 if self.started.insert(progress.digest.clone()) {
-                    eprintln!("Copying blob {}", short_id(&progress.digest));
+                    errln!("Copying blob {}", short_id(&progress.digest));
                 }
             }
             Event::Downloading(_) => {}
             Event::Downloaded(layer) if layer.reused => {
-                eprintln!(
+                errln!(
                     "Copying blob {} skipped: already exists",
                     short_id(&layer.digest)
                 );
             }
             Event::Downloaded(layer) => {
                 let size = self.sizes.get(&layer.digest).copied().unwrap_or_default();
-                eprintln!(
+                errln!(
                     "Copied blob {} ({})",
                     short_id(&layer.digest),
                     human_size(size)
                 );
             }
             Event::Unpacked(layer) if layer.reused => {
-                eprintln!("Layer {} already unpacked", short_id(&layer.digest));
+                errln!("Layer {} already unpacked", short_id(&layer.digest));
             }
             Event::Unpacked(layer) => {
-                eprintln!("Unpacked layer {}", short_id(&layer.digest));
+                errln!("Unpacked layer {}", short_id(&layer.digest));
             }
             Event::Done(_) => {}
         }

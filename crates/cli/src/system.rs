@@ -6,14 +6,14 @@ use k8s_cri::v1;
 use serde_json::{Value, json};
 
 use crate::OutputFormat;
-use crate::client::{call_failed, connect};
+use crate::client::connect;
 use crate::format::human_size;
 
 /// Prints the client's version, then the daemon's. The client part is
 /// printed even when the daemon cannot be reached.
 pub async fn version(socket: &Path) -> anyhow::Result<()> {
-    println!("Client:");
-    println!("  Version:      {}", env!("CARGO_PKG_VERSION"));
+    outln!("Client:")?;
+    outln!("  Version:      {}", env!("CARGO_PKG_VERSION"))?;
 
     let mut clients = connect(socket).await?;
     let server = clients
@@ -22,13 +22,13 @@ pub async fn version(socket: &Path) -> anyhow::Result<()> {
             version: "v1".to_owned(),
         })
         .await
-        .map_err(|status| call_failed("failed to get the server version", status))?
+        .map_err(|status| clients.call_failed("failed to get the server version", status))?
         .into_inner();
 
-    println!("Server:");
-    println!("  Runtime:      {}", server.runtime_name);
-    println!("  Version:      {}", server.runtime_version);
-    println!("  API version:  {}", server.runtime_api_version);
+    outln!("Server:")?;
+    outln!("  Runtime:      {}", server.runtime_name)?;
+    outln!("  Version:      {}", server.runtime_version)?;
+    outln!("  API version:  {}", server.runtime_api_version)?;
     Ok(())
 }
 
@@ -41,27 +41,27 @@ pub async fn info(socket: &Path, format: OutputFormat) -> anyhow::Result<()> {
         .runtime
         .status(v1::StatusRequest { verbose: true })
         .await
-        .map_err(|status| call_failed("failed to get the runtime status", status))?
+        .map_err(|status| clients.call_failed("failed to get the runtime status", status))?
         .into_inner();
     let filesystems = clients
         .images
         .image_fs_info(v1::ImageFsInfoRequest {})
         .await
-        .map_err(|status| call_failed("failed to get the image store usage", status))?
+        .map_err(|status| clients.call_failed("failed to get the image store usage", status))?
         .into_inner();
     let image_count = clients
         .images
         .list_images(v1::ListImagesRequest { filter: None })
         .await
-        .map_err(|status| call_failed("failed to list images", status))?
+        .map_err(|status| clients.call_failed("failed to list images", status))?
         .into_inner()
         .images
         .len();
 
     let info = info_json(&status, &filesystems, image_count);
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&info)?),
-        OutputFormat::Table => print!("{}", info_text(&info)),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&info)?)?,
+        OutputFormat::Table => out!("{}", info_text(&info))?,
     }
     Ok(())
 }

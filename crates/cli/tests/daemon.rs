@@ -7,6 +7,7 @@
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::{HATOBA, Harness};
@@ -493,4 +494,146 @@ async fn socket_path_authority_is_accepted() {
     let response = k8s_cri::v1::VersionResponse::decode(data.get(5..).unwrap_or_default())
         .expect("a VersionResponse message");
     assert_eq!(response.runtime_name, "hatoba");
+}
+
+/// A directory under the system temporary directory, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("hatoba-{name}-{}", std::process::id()));
+        // A directory left by an earlier run with the same PID is stale.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("cannot create {}: {error}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn config_log_level_typo_is_named() {
+    let mut options = DaemonOptions::new(HATOBA);
+    options.log_level = "warning".to_owned();
+
+    let (status, log) = start_expecting_exit(options).await;
+
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the daemon should exit with code 1, got {status}"
+    );
+    assert!(
+        log.contains("invalid log_level: \"warning\" is not a level or target=level"),
+        "the error should name log_level and the directive, log:\n{log}"
+    );
+    assert!(
+        log.contains("trace, debug, info, warn, error, off"),
+        "the error should list the levels, log:\n{log}"
+    );
+}
+
+#[test]
+fn rust_log_typo_is_named() {
+    let dir = ScratchDir::new("rust-log");
+    let config = dir.0.join("config.toml");
+    // Paths under /dev/null cannot be created, so a daemon that accepted
+    // the filter stops right after instead of serving.
+    std::fs::write(
+        &config,
+        "socket = \"/dev/null/hatoba.sock\"\nroot = \"/dev/null/root\"\nstate = \"/dev/null/state\"\n",
+    )
+    .expect("write config");
+
+    let output = Command::new(HATOBA)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "inf")
+        .output()
+        .expect("hatoba should run");
+
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the daemon should exit with code 1"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid RUST_LOG: \"inf\" is not a level or target=level"),
+        "the error should name RUST_LOG and the directive, stderr:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "the error should be one line, stderr:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_socket_group_names_the_config_file() {
+    let (status, log) = start_expecting_exit(
+        DaemonOptions::new(HATOBA).extra_config("socket_group = \"hatoba-no-such-group\""),
+    )
+    .await;
+
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the daemon should exit with code 1, got {status}"
+    );
+    assert!(
+        log.contains("config.toml: invalid socket_group: \"hatoba-no-such-group\""),
+        "the error should start with the config file and name socket_group, log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn new_socket_dir_gets_mode_0711() {
+    if !is_root() {
+        return;
+    }
+    let dir = ScratchDir::new("socket-dir");
+    // The umask is per process: set it for the daemon alone, keeping its PID.
+    let wrapper = dir.0.join("hatoba-umask-077");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\numask 077\nexec '{HATOBA}' \"$@\"\n"),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .expect("make the wrapper executable");
+    let socket_dir = dir.0.join("run/hatoba");
+
+    let harness =
+        Harness::start_with(DaemonOptions::new(&wrapper).socket(socket_dir.join("hatoba.sock")))
+            .await;
+
+    for created in [
+        dir.0.join("run"),
+        socket_dir,
+        harness.daemon.state().to_owned(),
+    ] {
+        let mode = std::fs::metadata(&created)
+            .unwrap_or_else(|error| panic!("{} should exist: {error}", created.display()))
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o7777,
+            0o711,
+            "{} should have mode 0711, got {:o}",
+            created.display(),
+            mode & 0o7777
+        );
+    }
+    let socket_mode = std::fs::metadata(harness.daemon.socket())
+        .expect("the socket should exist")
+        .permissions()
+        .mode();
+    assert_eq!(socket_mode & 0o777, 0o660, "the socket mode should be 0660");
 }

@@ -20,11 +20,11 @@ pub const DEFAULT_SOCKET: &str = "/run/hatoba/hatoba.sock";
 ///
 /// | key | default | meaning |
 /// | --- | --- | --- |
-/// | `socket` | `"/run/hatoba/hatoba.sock"` | CRI socket, created with mode 0660 |
-/// | `socket_group` | `""` | group owning the socket, by name or number; empty keeps the daemon's primary group |
+/// | `socket` | `"/run/hatoba/hatoba.sock"` | CRI socket, created with mode 0660; a missing parent directory is created with mode 0711 |
+/// | `socket_group` | `""` | group owning the socket, by name or number; empty keeps the daemon's primary group; a number need not be in /etc/group |
 /// | `root` | `"/var/lib/hatoba"` | persistent state; images live under `<root>/images` |
 /// | `state` | `"/run/hatoba"` | runtime state: the daemon's lock file |
-/// | `log_level` | `"info"` | tracing filter (`info`, `hatoba_cri=debug,info`); `RUST_LOG` overrides it |
+/// | `log_level` | `"info"` | comma-separated levels (`trace` ... `error`, `off`) and `target=level` directives (`hatoba_cri=debug,info`); `RUST_LOG` overrides it |
 /// | `log_format` | `"text"` | `text` or `json`, written to stderr |
 /// | `image.platform` | `""` | `os/arch[/variant]` that image indexes resolve to; empty means the host's |
 /// | `image.max_concurrent_downloads` | `3` | layers fetched at once by one pull, at least 1 |
@@ -42,13 +42,15 @@ pub struct DaemonConfig {
     /// CRI socket path, absolute. Default `/run/hatoba/hatoba.sock`.
     pub socket: PathBuf,
     /// Group owning the socket, by name or numeric ID. Default empty: the
-    /// daemon's primary group.
+    /// daemon's primary group. A numeric ID is used as given, even when
+    /// /etc/group has no name for it.
     pub socket_group: String,
     /// Directory of persistent state, absolute. Default `/var/lib/hatoba`.
     pub root: PathBuf,
     /// Directory of runtime state, absolute. Default `/run/hatoba`.
     pub state: PathBuf,
-    /// Tracing filter directives. Default `info`.
+    /// Tracing filter: levels and `target=level` directives, comma-separated.
+    /// Default `info`.
     pub log_level: String,
     /// Format of log lines on stderr. Default `text`.
     pub log_format: LogFormat,
@@ -268,21 +270,108 @@ fn check_absolute(key: &str, path: &Path) -> Result<(), InvalidValue> {
 }
 
 fn check_log_level(filter: &str) -> Result<(), InvalidValue> {
-    if filter.trim().is_empty() {
-        return Err(InvalidValue::new(
-            "log_level",
-            "the filter is empty; use a level such as \"info\"",
-        ));
-    }
+    let invalid = |reason: String| InvalidValue::new("log_level", reason);
+    check_log_filter(filter).map_err(|error| invalid(error.to_string()))?;
+
+    // The daemon parses the filter again when it sets up logging. A filter
+    // that passes the check above but not tracing fails here, before the start.
     tracing_subscriber::EnvFilter::builder()
         .parse(filter)
         .map(|_| ())
-        .map_err(|error| {
-            InvalidValue::new(
-                "log_level",
-                format!("{filter:?} is not a tracing filter: {error}"),
-            )
-        })
+        .map_err(|error| invalid(format!("{filter:?} is not a tracing filter: {error}")))
+}
+
+/// Levels a log filter directive may name, in the words of the error messages.
+const LOG_LEVELS: &str = "trace, debug, info, warn, error, off";
+
+/// A log filter that hatoba does not accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("the filter is empty; use a level such as \"info\"")]
+    Empty,
+
+    #[error("{filter:?} has an empty directive between commas")]
+    EmptyDirective { filter: String },
+
+    #[error("{filter:?} contains whitespace; separate directives with commas only")]
+    Whitespace { filter: String },
+
+    #[error(
+        "{directive:?} is not a level or target=level; the levels are {LOG_LEVELS}, like \"info\" or \"hatoba_cri=debug,info\""
+    )]
+    NotADirective { directive: String },
+
+    #[error("{directive:?} has an unknown level {level:?}; the levels are {LOG_LEVELS}")]
+    UnknownLevel { directive: String, level: String },
+
+    #[error(
+        "{directive:?} has an invalid target {target:?}; a target is a module path like \"hatoba_cri\" or \"hatoba_cri::server\""
+    )]
+    InvalidTarget { directive: String, target: String },
+}
+
+/// Checks a tracing filter: comma-separated directives, each a level or
+/// `target=level`, levels case-insensitive.
+///
+/// tracing reads a bare word that is not a level as a target name, so a
+/// typo like `warning` would silently turn off every other log line. Span
+/// and field filters (`target[span{field}]=level`) are rejected as well,
+/// because nothing in hatoba needs them.
+pub fn check_log_filter(filter: &str) -> Result<(), LogFilterError> {
+    if filter.trim().is_empty() {
+        return Err(LogFilterError::Empty);
+    }
+    // tracing mis-parses directives with spaces around them.
+    if filter.contains(char::is_whitespace) {
+        return Err(LogFilterError::Whitespace {
+            filter: filter.to_owned(),
+        });
+    }
+    for directive in filter.split(',') {
+        if directive.is_empty() {
+            return Err(LogFilterError::EmptyDirective {
+                filter: filter.to_owned(),
+            });
+        }
+        check_log_directive(directive)?;
+    }
+    Ok(())
+}
+
+fn check_log_directive(directive: &str) -> Result<(), LogFilterError> {
+    let Some((target, level)) = directive.split_once('=') else {
+        return if is_log_level(directive) {
+            Ok(())
+        } else {
+            Err(LogFilterError::NotADirective {
+                directive: directive.to_owned(),
+            })
+        };
+    };
+
+    let target_ok = !target.is_empty()
+        && target
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
+    if !target_ok {
+        return Err(LogFilterError::InvalidTarget {
+            directive: directive.to_owned(),
+            target: target.to_owned(),
+        });
+    }
+    if !is_log_level(level) {
+        return Err(LogFilterError::UnknownLevel {
+            directive: directive.to_owned(),
+            level: level.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn is_log_level(word: &str) -> bool {
+    ["trace", "debug", "info", "warn", "error", "off"]
+        .iter()
+        .any(|level| word.eq_ignore_ascii_case(level))
 }
 
 /// Checks an `os/arch[/variant]` platform string. Empty means the host's platform.
@@ -521,6 +610,7 @@ mirrors = ["https://mirror.example.com"]
             ("state = \"./run\"", "invalid state"),
             ("log_level = \"\"", "invalid log_level"),
             ("log_level = \"hatoba=loud\"", "invalid log_level"),
+            ("log_level = \"warning\"", "invalid log_level"),
             (
                 "[image]\nmax_concurrent_downloads = 0",
                 "invalid image.max_concurrent_downloads",
@@ -591,6 +681,8 @@ mirrors = ["https://mirror.example.com"]
         let cases = [
             "log_level = \"debug\"",
             "log_level = \"hatoba_cri=trace,info\"",
+            "log_level = \"WARN\"",
+            "log_level = \"info,hatoba_cri=Debug\"",
             "socket_group = \"hatoba\"",
             "[image.registries.\"docker.io\"]",
             "[image.registries.\"localhost:5000\"]",
@@ -603,6 +695,80 @@ mirrors = ["https://mirror.example.com"]
                 panic!("{text:?} was rejected: {error}");
             }
         }
+    }
+
+    #[test]
+    fn level_and_target_filters_accepted() {
+        let cases = [
+            "trace",
+            "debug",
+            "info",
+            "warn",
+            "error",
+            "off",
+            "INFO",
+            "Warn",
+            "hatoba_cri=debug",
+            "hatoba_cri::server=TRACE,info",
+            "info,h2=off",
+            "hatoba-cri=warn,tower.buffer=error",
+        ];
+        for filter in cases {
+            assert_eq!(check_log_filter(filter), Ok(()), "{filter:?}");
+            // What passes the check must also be a filter tracing understands.
+            if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(filter) {
+                panic!("{filter:?} passed the check but not tracing: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn log_filter_typos_are_rejected() {
+        let cases = [
+            ("warning", "\"warning\" is not a level or target=level"),
+            ("inf", "\"inf\" is not a level or target=level"),
+            ("verbose", "\"verbose\" is not a level or target=level"),
+            (
+                "hatoba_cri",
+                "\"hatoba_cri\" is not a level or target=level",
+            ),
+            ("info,debg", "\"debg\" is not a level or target=level"),
+            ("3", "\"3\" is not a level or target=level"),
+            (
+                "hatoba=loud",
+                "\"hatoba=loud\" has an unknown level \"loud\"",
+            ),
+            ("hatoba=", "\"hatoba=\" has an unknown level \"\""),
+            ("=info", "\"=info\" has an invalid target \"\""),
+            (
+                "hatoba/cri=info",
+                "\"hatoba/cri=info\" has an invalid target \"hatoba/cri\"",
+            ),
+            ("info, debug", "\"info, debug\" contains whitespace"),
+            ("info ", "\"info \" contains whitespace"),
+            (
+                "hatoba[pull]=debug",
+                "\"hatoba[pull]=debug\" has an invalid target \"hatoba[pull]\"",
+            ),
+            ("info,,debug", "has an empty directive between commas"),
+            ("info,", "has an empty directive between commas"),
+            (" ", "the filter is empty"),
+        ];
+        for (filter, expected) in cases {
+            let message = check_log_filter(filter).expect_err(filter).to_string();
+            assert!(message.contains(expected), "{filter:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn log_level_error_names_directive_and_levels() {
+        let message = error_of("log_level = \"info,warning\"");
+        assert_eq!(
+            message,
+            "/etc/hatoba/config.toml: invalid log_level: \"warning\" is not a level or \
+             target=level; the levels are trace, debug, info, warn, error, off, like \"info\" \
+             or \"hatoba_cri=debug,info\""
+        );
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub fn image_error_status(error: &ImageError) -> Status {
 
 /// Joins an error and its sources with `": "`, skipping a source whose text
 /// the message already ends with (thiserror messages often embed their source).
+///
+/// Control characters are escaped, because registries and archives put
+/// their own text into errors: a newline would forge a log line and an
+/// escape sequence would recolor the terminal showing the message.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
@@ -44,7 +48,22 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    message
+    escape_control(&message)
+}
+
+/// Escapes the control characters of `text` as `str::escape_debug` writes
+/// them (`\n`, `\r`, `\t`, `\u{1b}`) and keeps every other character,
+/// quotes and backslashes included, so the text stays on one line.
+pub fn escape_control(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -184,6 +203,60 @@ mod tests {
         assert_eq!(
             error_chain(&error),
             "failed to open the store: permission denied"
+        );
+    }
+
+    #[test]
+    fn error_chain_escapes_control_characters() {
+        let error = ImageError::Registry {
+            registry: "127.0.0.1:5000".into(),
+            reference: "busybox".into(),
+            reason: "denied\n2026-01-01T00:00:00Z  INFO forged\r\x1b[31mred\x1b[0m\t\u{7f}\u{85}"
+                .into(),
+        };
+        let message = error_chain(&error);
+        assert!(
+            message.ends_with(
+                "denied\\n2026-01-01T00:00:00Z  INFO forged\\r\\u{1b}[31mred\\u{1b}[0m\\t\\u{7f}\\u{85}"
+            ),
+            "{message}"
+        );
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+    }
+
+    #[test]
+    fn error_chain_escapes_control_characters_of_sources() {
+        let error = Outer {
+            source: io::Error::other("numeric field was not a number: \n\x1b[1mFORGED"),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "failed to open the store: numeric field was not a number: \\n\\u{1b}[1mFORGED"
+        );
+    }
+
+    #[test]
+    fn error_chain_keeps_normal_text() {
+        let text =
+            "pull of \"caf\u{e9}/\u{65e5}\u{672c}:latest\" failed: C:\\path \u{2014} \u{1f600}";
+        let error = Outer {
+            source: io::Error::other(text),
+        };
+        assert_eq!(
+            error_chain(&error),
+            format!("failed to open the store: {text}")
+        );
+    }
+
+    #[test]
+    fn status_messages_are_escaped() {
+        let error = ImageError::InvalidArchive {
+            reason: "failed to read the tar stream: bad\nINFO forged \x1b[31m".into(),
+        };
+        let status = image_error_status(&error);
+        assert_eq!(
+            status.message(),
+            "invalid image archive: failed to read the tar stream: bad\\nINFO forged \\u{1b}[31m",
         );
     }
 

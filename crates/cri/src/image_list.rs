@@ -7,6 +7,7 @@ use hatoba_image::ImageManager;
 use k8s_cri::v1;
 use tonic::{Request, Response, Status};
 
+use crate::error::escape_control;
 use crate::image_service::{cri_image, find_image, run_blocking};
 
 /// Lists images. A filter with an image name returns at most the image that
@@ -21,7 +22,7 @@ pub(crate) async fn list_images(
         .and_then(|filter| filter.image)
         .map(|spec| spec.image)
         .unwrap_or_default();
-    tracing::debug!(image.r#ref = %name, "ListImages");
+    tracing::debug!(image.r#ref = %escape_control(&name), "ListImages");
 
     let records = if name.is_empty() {
         run_blocking(images, ImageManager::list).await?

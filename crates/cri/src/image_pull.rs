@@ -8,7 +8,7 @@ use k8s_cri::v1;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
-use crate::error::{error_chain, image_error_status};
+use crate::error::{error_chain, escape_control, image_error_status};
 use crate::image_service::{join_task, requested_image};
 
 /// Pulls an image and returns its ID as the image reference.
@@ -48,11 +48,11 @@ pub(crate) fn spawn_pull(
         let result = images.pull(&reference, credentials, progress).await;
         match &result {
             Ok(record) => {
-                tracing::info!(rpc, image.r#ref = %reference, image.id = %record.id, "pulled image");
+                tracing::info!(rpc, image.r#ref = %escape_control(&reference), image.id = %record.id, "pulled image");
             }
             Err(error) => {
                 let error = error_chain(error);
-                tracing::info!(rpc, image.r#ref = %reference, %error, "image pull failed");
+                tracing::info!(rpc, image.r#ref = %escape_control(&reference), %error, "image pull failed");
             }
         }
         result

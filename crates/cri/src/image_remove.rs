@@ -6,7 +6,7 @@ use hatoba_image::{ImageError, ImageManager, ImageRecord};
 use k8s_cri::v1;
 use tonic::{Request, Response, Status};
 
-use crate::error::{error_chain, image_error_status};
+use crate::error::{error_chain, escape_control, image_error_status};
 use crate::image_service::{join_task, requested_image};
 
 /// Removes an image with all of its names. Removing an unknown image
@@ -35,14 +35,14 @@ pub(crate) async fn remove_image(
 fn log_removal(name: &str, result: &Result<Option<ImageRecord>, ImageError>) {
     match result {
         Ok(Some(record)) => {
-            tracing::info!(image.r#ref = %name, image.id = %record.id, "removed image");
+            tracing::info!(image.r#ref = %escape_control(name), image.id = %record.id, "removed image");
         }
         Ok(None) | Err(ImageError::NotFound { .. }) => {
-            tracing::info!(image.r#ref = %name, "image to remove was already gone");
+            tracing::info!(image.r#ref = %escape_control(name), "image to remove was already gone");
         }
         Err(error) => {
             let error = error_chain(error);
-            tracing::info!(image.r#ref = %name, %error, "image removal failed");
+            tracing::info!(image.r#ref = %escape_control(name), %error, "image removal failed");
         }
     }
 }

@@ -8,7 +8,7 @@ use k8s_cri::v1;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::error::image_error_status;
+use crate::error::{escape_control, image_error_status};
 use crate::image_service::{cri_image, find_image, requested_image, run_blocking};
 
 /// Returns the status of one image, or an empty response when no image
@@ -19,7 +19,7 @@ pub(crate) async fn image_status(
 ) -> Result<Response<v1::ImageStatusResponse>, Status> {
     let request = request.into_inner();
     let name = requested_image(request.image)?;
-    tracing::debug!(image.r#ref = %name, verbose = request.verbose, "ImageStatus");
+    tracing::debug!(image.r#ref = %escape_control(&name), verbose = request.verbose, "ImageStatus");
 
     // The CRI expects an empty response, not an error, for an unknown image.
     let Some(record) = find_image(images, name).await? else {

@@ -23,9 +23,9 @@ pub mod proto {
 
 pub use config::{
     ConfigError, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, DaemonConfig, ImageSettings, InvalidValue,
-    LogFormat,
+    LogFilterError, LogFormat, check_log_filter,
 };
-pub use error::{error_chain, image_error_status};
+pub use error::{error_chain, escape_control, image_error_status};
 pub use hatoba_service::HatobaService;
 pub use image_service::{CriImageService, cri_image};
 pub use lock::{LockError, PidLock};

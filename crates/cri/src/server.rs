@@ -33,6 +33,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Mode of the socket: the owner and the socket group may connect.
 const SOCKET_MODE: u32 = 0o660;
 
+/// Mode of directories the daemon creates for the socket, state and root:
+/// others may pass through to the socket but not list the directory.
+const DIR_MODE: u32 = 0o711;
+
 /// The daemon failed to start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,6 +50,14 @@ pub enum ServerError {
     #[error("failed to create directory {}: {source}", path.display())]
     CreateDir {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("failed to set mode {mode:o} on directory {}: {source}", path.display())]
+    SetDirMode {
+        path: PathBuf,
+        mode: u32,
         #[source]
         source: std::io::Error,
     },
@@ -66,8 +78,14 @@ pub enum ServerError {
         source: std::io::Error,
     },
 
-    #[error("socket_group {group:?} is not a group in /etc/group")]
-    UnknownGroup { group: String },
+    #[error(
+        "{}: invalid socket_group: {group:?} is not a group in /etc/group; name a group from /etc/group or give a numeric GID",
+        config_label(config_path.as_deref())
+    )]
+    UnknownGroup {
+        config_path: Option<PathBuf>,
+        group: String,
+    },
 
     #[error("failed to read /etc/group to look up socket_group {group:?}: {source}")]
     ReadGroups {
@@ -108,10 +126,16 @@ pub async fn serve(config: DaemonConfig, config_path: Option<PathBuf>) -> Result
     // daemon cleanly once it serves instead of killing it halfway.
     let shutdown = ShutdownSignals::install()?;
 
-    create_dir(&config.state, 0o711)?;
-    create_dir(&config.root, 0o711)?;
+    // The group is part of the config: a wrong one fails before anything is created.
+    let group = match config.socket_group.as_str() {
+        "" => None,
+        name => Some(lookup_group(name, config_path.as_deref())?),
+    };
+
+    create_dir(&config.state, DIR_MODE)?;
+    create_dir(&config.root, DIR_MODE)?;
     if let Some(parent) = config.socket.parent() {
-        create_dir(parent, 0o755)?;
+        create_dir(parent, DIR_MODE)?;
     }
     let _locks = acquire_locks(&config)?;
 
@@ -121,10 +145,6 @@ pub async fn serve(config: DaemonConfig, config_path: Option<PathBuf>) -> Result
     let images = Arc::new(images);
     let upload_dir = prepare_upload_dir(&config.root)?;
 
-    let group = match config.socket_group.as_str() {
-        "" => None,
-        name => Some(lookup_group(name)?),
-    };
     let listener = bind_socket(&config.socket, group)?;
     tracing::info!(
         socket = %config.socket.display(),
@@ -216,15 +236,50 @@ impl ShutdownSignals {
     }
 }
 
+/// Creates `path` and its missing parents with `mode`. The mode is set
+/// explicitly, because a umask like 077 would otherwise shut the socket
+/// group out of the socket's directory. Existing directories keep theirs.
 fn create_dir(path: &Path, mode: u32) -> Result<(), ServerError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|source| ServerError::CreateDir {
-            path: path.to_owned(),
-            source,
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .take_while(|dir| {
+            matches!(std::fs::symlink_metadata(dir), Err(error) if error.kind() == std::io::ErrorKind::NotFound)
         })
+        .collect();
+
+    for dir in missing.into_iter().rev() {
+        match DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            // Another process created it meanwhile: its mode is not ours to change.
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+                continue;
+            }
+            Err(source) => {
+                return Err(ServerError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                });
+            }
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+            ServerError::SetDirMode {
+                path: dir.to_owned(),
+                mode,
+                source,
+            }
+        })?;
+    }
+
+    // An existing path that is not a directory fails here, as it would
+    // when the daemon first writes into it.
+    if !path.is_dir() {
+        return Err(ServerError::CreateDir {
+            path: path.to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+        });
+    }
+    Ok(())
 }
 
 /// Locks `<state>/hatoba.lock`, `<root>/hatoba.lock` and `<socket>.lock`, so
@@ -283,9 +338,11 @@ fn prepare_upload_dir(root: &Path) -> Result<PathBuf, ServerError> {
     Ok(dir)
 }
 
-/// Finds the group ID of `group`, a name in /etc/group or a number.
+/// Finds the group ID of `group`, a name in /etc/group or a number. A
+/// number is taken as it is: a GID need not have a name. `config_path` is
+/// the file that named the group, for the error.
 // NOTE: groups served only by NSS modules (LDAP, sssd) are not found.
-fn lookup_group(group: &str) -> Result<u32, ServerError> {
+fn lookup_group(group: &str, config_path: Option<&Path>) -> Result<u32, ServerError> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(gid);
     }
@@ -294,8 +351,17 @@ fn lookup_group(group: &str) -> Result<u32, ServerError> {
         source,
     })?;
     find_group(&text, group).ok_or_else(|| ServerError::UnknownGroup {
+        config_path: config_path.map(Path::to_owned),
         group: group.to_owned(),
     })
+}
+
+/// Names where the config came from, to start a config error with.
+fn config_label(config_path: Option<&Path>) -> String {
+    config_path.map_or_else(
+        || "built-in config".to_owned(),
+        |path| path.display().to_string(),
+    )
 }
 
 /// Finds a group's ID in the text of an /etc/group file.
@@ -398,16 +464,91 @@ mod tests {
 
     #[test]
     fn numeric_socket_group_needs_no_lookup() {
-        assert_eq!(lookup_group("4321").expect("numeric group"), 4321);
+        assert_eq!(lookup_group("4321", None).expect("numeric group"), 4321);
+    }
+
+    #[test]
+    fn unnamed_numeric_group_is_accepted() {
+        let text = std::fs::read_to_string("/etc/group").expect("read /etc/group");
+        let unnamed = (60_000..u32::MAX)
+            .find(|gid| {
+                !text
+                    .lines()
+                    .any(|line| line.split(':').nth(2) == Some(gid.to_string().as_str()))
+            })
+            .expect("a GID without a name");
+        assert_eq!(
+            lookup_group(&unnamed.to_string(), None).expect("numeric group"),
+            unnamed
+        );
     }
 
     #[test]
     fn unknown_socket_group_is_an_error() {
-        let error = lookup_group("hatoba-no-such-group").expect_err("unknown group fails");
+        let error = lookup_group("hatoba-no-such-group", None).expect_err("unknown group fails");
         assert_eq!(
             error.to_string(),
-            "socket_group \"hatoba-no-such-group\" is not a group in /etc/group"
+            "built-in config: invalid socket_group: \"hatoba-no-such-group\" is not a group in \
+             /etc/group; name a group from /etc/group or give a numeric GID"
         );
+    }
+
+    #[test]
+    fn unknown_group_names_config_file() {
+        let config_path = Path::new("/etc/hatoba/config.toml");
+        let error = lookup_group("hatoba-no-such-group", Some(config_path))
+            .expect_err("unknown group fails");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(
+                "/etc/hatoba/config.toml: invalid socket_group: \"hatoba-no-such-group\""
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn created_directories_get_their_mode_exactly() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nested = dir.path().join("run/hatoba");
+
+        create_dir(&nested, 0o711).expect("create nested directories");
+        create_dir(&nested.join("private"), 0o700).expect("create a private directory");
+
+        for (path, mode) in [
+            (dir.path().join("run"), 0o711),
+            (nested.clone(), 0o711),
+            (nested.join("private"), 0o700),
+        ] {
+            let metadata = std::fs::metadata(&path).expect("directory exists");
+            assert_eq!(metadata.mode() & 0o7777, mode, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn existing_directory_keeps_its_mode() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let existing = dir.path().join("existing");
+        std::fs::create_dir(&existing).expect("create directory");
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o750))
+            .expect("set mode");
+
+        create_dir(&existing, 0o711).expect("existing directory is fine");
+
+        let metadata = std::fs::metadata(&existing).expect("directory exists");
+        assert_eq!(metadata.mode() & 0o7777, 0o750);
+    }
+
+    #[test]
+    fn create_dir_rejects_a_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").expect("write file");
+
+        let error = create_dir(&file, 0o711).expect_err("a file is not a directory");
+        assert!(matches!(error, ServerError::CreateDir { .. }), "{error}");
+        let error = create_dir(&file.join("below"), 0o711).expect_err("nothing below a file");
+        assert!(matches!(error, ServerError::CreateDir { .. }), "{error}");
     }
 
     #[tokio::test]

@@ -106,12 +106,14 @@ impl ContentStore {
         S: Stream<Item = Result<Bytes, ImageError>> + Unpin,
     {
         let ingest = IngestFile::new(&self.ingest);
-        let mut file = tokio::fs::OpenOptions::new()
+        // Created synchronously: an open on the blocking pool that outlives
+        // a cancelled pull would create the file after the guard removed it.
+        let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&ingest.path)
-            .await
             .map_err(|source| ingest.error("create ingest file", source))?;
+        let mut file = tokio::fs::File::from_std(file);
         let mut hasher = Hasher::new(expected.digest.algorithm());
         let mut received = 0u64;
 
