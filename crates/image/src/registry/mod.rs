@@ -10,8 +10,9 @@ mod manifest;
 #[cfg(test)]
 mod test_server;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,7 +67,14 @@ pub struct RegistryClient {
     routes: BTreeMap<String, Route>,
     platform: Platform,
     auth: auth::AuthCache,
+    /// When each failing mirror was last logged, and how many failures
+    /// were not logged since.
+    mirror_warnings: Mutex<HashMap<String, (Instant, u64)>>,
 }
+
+/// Shortest time between two warnings about the same failing mirror: a
+/// mirror that is down fails every blob of every pull.
+const MIRROR_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The result of resolving a reference: the platform manifest and the
 /// digest of the referenced content.
@@ -157,6 +165,7 @@ impl RegistryClient {
             routes,
             platform,
             auth: auth::AuthCache::default(),
+            mirror_warnings: Mutex::new(HashMap::new()),
         })
     }
 
@@ -261,6 +270,30 @@ impl RegistryClient {
             credentials,
             route,
             scope: format!("repository:{}:pull", reference.repository),
+        }
+    }
+
+    /// Returns whether a failure of `mirror` should be logged now, with the
+    /// number of failures not logged since the last warning.
+    fn mirror_warning_due(&self, mirror: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut warnings = self
+            .mirror_warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match warnings.get_mut(mirror) {
+            Some((last, suppressed)) if now.duration_since(*last) < MIRROR_WARNING_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                warnings.insert(mirror.to_string(), (now, 0));
+                Some(0)
+            }
         }
     }
 
@@ -685,9 +718,18 @@ impl Session<'_> {
         let registry = &self.reference.registry;
         if matches!(error, ImageError::NotFound { .. }) {
             tracing::debug!(registry, mirror = %mirror.base, %error, "mirror lacks the content");
-        } else {
-            tracing::warn!(registry, mirror = %mirror.base, %error, "mirror failed, trying the next endpoint");
+            return;
         }
+        let Some(suppressed) = self.client.mirror_warning_due(&mirror.base) else {
+            return;
+        };
+        tracing::warn!(
+            registry,
+            mirror = %mirror.base,
+            %error,
+            suppressed,
+            "mirror failed, trying the next endpoint"
+        );
     }
 
     fn unauthenticated(&self, reason: String) -> ImageError {
@@ -869,6 +911,33 @@ mod tests {
         ] {
             assert_eq!(route(&client, reference).registry.base, base, "{reference}");
         }
+    }
+
+    #[test]
+    fn mirror_warnings_are_rate_limited() {
+        let client = RegistryClient::new(&ImageConfig::default()).expect("client");
+        let mirror = "http://127.0.0.1:6000";
+
+        assert_eq!(
+            client.mirror_warning_due(mirror),
+            Some(0),
+            "the first failure is logged"
+        );
+        assert_eq!(client.mirror_warning_due(mirror), None);
+        assert_eq!(client.mirror_warning_due(mirror), None);
+        assert_eq!(
+            client.mirror_warning_due("http://127.0.0.1:6001"),
+            Some(0),
+            "another mirror has its own limit"
+        );
+
+        // Once the interval has passed, the next warning counts the silent ones.
+        if let Some((last, _)) = client.mirror_warnings.lock().expect("lock").get_mut(mirror) {
+            *last = last
+                .checked_sub(MIRROR_WARNING_INTERVAL)
+                .expect("the clock has run for longer than the interval");
+        }
+        assert_eq!(client.mirror_warning_due(mirror), Some(2));
     }
 
     #[test]
