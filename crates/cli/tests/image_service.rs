@@ -806,16 +806,7 @@ async fn pull_unknown_repository_is_not_found() {
     let mut harness = Harness::start(&env).await;
     let reference = format!("{}/testenv/does-not-exist:latest", env.open);
 
-    let status = harness
-        .pull(&reference)
-        .await
-        .expect_err("the pull should fail");
-
-    assert_eq!(
-        status.code(),
-        Code::NotFound,
-        "expected NotFound, got {status:?}"
-    );
+    let status = harness.pull_fails_with(&reference, Code::NotFound).await;
     assert!(
         status.message().contains("testenv/does-not-exist"),
         "the message should name the reference, got {:?}",
@@ -829,16 +820,7 @@ async fn pull_unknown_tag_is_not_found() {
     let mut harness = Harness::start(&env).await;
     let reference = format!("{}/testenv/busybox:no-such-tag", env.open);
 
-    let status = harness
-        .pull(&reference)
-        .await
-        .expect_err("the pull should fail");
-
-    assert_eq!(
-        status.code(),
-        Code::NotFound,
-        "expected NotFound, got {status:?}"
-    );
+    let status = harness.pull_fails_with(&reference, Code::NotFound).await;
     assert!(
         status.message().contains("no-such-tag"),
         "the message should name the tag, got {:?}",
@@ -877,15 +859,11 @@ async fn pull_unreachable_registry_is_unavailable() {
         Harness::start_with(daemon_options(&env).plain_http_registry(registry.clone())).await;
 
     let status = harness
-        .pull(&format!("{registry}/testenv/busybox:latest"))
-        .await
-        .expect_err("the pull should fail");
-
-    assert_eq!(
-        status.code(),
-        Code::Unavailable,
-        "expected Unavailable, got {status:?}"
-    );
+        .pull_fails_with(
+            &format!("{registry}/testenv/busybox:latest"),
+            Code::Unavailable,
+        )
+        .await;
     assert!(
         status.message().contains(&registry),
         "the message should name the registry {registry}, got {:?}",

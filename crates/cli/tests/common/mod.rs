@@ -135,6 +135,21 @@ impl Harness {
             .unwrap_or_else(|status| panic!("PullImage {reference} should succeed: {status:?}"))
     }
 
+    /// Pulls `reference`, fails the test unless the pull fails with `code`,
+    /// and returns the status.
+    pub async fn pull_fails_with(&mut self, reference: &str, code: tonic::Code) -> Status {
+        let status = self
+            .pull(reference)
+            .await
+            .expect_err("the pull should fail");
+        assert_eq!(
+            status.code(),
+            code,
+            "pulling {reference} should fail with {code:?}, got {status:?}"
+        );
+        status
+    }
+
     /// Calls ListImages, with a filter on `filter` when given.
     pub async fn list(&mut self, filter: Option<&str>) -> Vec<Image> {
         let request = ListImagesRequest {
