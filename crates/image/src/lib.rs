@@ -1,7 +1,7 @@
 //! OCI images: registry pulls, the content store, layer unpacking and
 //! snapshots, and the image metadata store.
 //!
-//! Nothing here knows about gRPC. The `cri` crate maps [`ImageError`] to
+//! Nothing here depends on gRPC. The `cri` crate maps [`ImageError`] to
 //! gRPC status codes.
 
 mod archive;

@@ -1,4 +1,4 @@
-//! The container monitor: holds a container's stdio, writes its CRI log and
+//! The container monitor: keeps a container's stdio open, writes its CRI log and
 //! records its exit status. It has no async runtime so that it stays small.
 //!
 //! Only a placeholder until containers land.

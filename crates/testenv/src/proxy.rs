@@ -549,7 +549,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// Starts a one-shot HTTP server on loopback that answers every request
+    /// Starts a one-shot HTTP server on loopback that responds to every request
     /// with `body` and a Location header at itself, and returns its address.
     fn start_origin(body: &'static [u8]) -> SocketAddr {
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind origin");
@@ -582,7 +582,10 @@ mod tests {
             .header(header::HOST, addr.to_string())
             .body(ProxyBody::full(String::new()))
             .expect("request builds");
-        let response = sender.send_request(request).await.expect("proxy answers");
+        let response = sender
+            .send_request(request)
+            .await
+            .expect("the proxy responds");
         let location = response
             .headers()
             .get(header::LOCATION)
