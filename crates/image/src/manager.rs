@@ -268,6 +268,10 @@ impl ImageManager {
     /// Removes the image that `name` finds, with all of its names, and frees
     /// the blobs and snapshots that no other image uses. Returns `None` when
     /// no image matches.
+    ///
+    /// NOTE: the store does not know which snapshots running containers
+    /// mount. Once containers exist, the runtime has to keep the images they
+    /// use from being removed.
     pub async fn remove(&self, name: &str) -> Result<Option<ImageRecord>, ImageError> {
         let Some(found) = self.find(name)? else {
             return Ok(None);
