@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Clients, connect};
 use crate::format::{digest_for, human_size, short_id, split_repo_tag, table};
+use crate::output::is_closed_stdout;
 use crate::{AlreadyReported, ImageCommand, OutputFormat, pull};
 
 /// Size of one chunk of an archive streamed to the daemon, well below
@@ -162,6 +163,10 @@ async fn remove(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
     let mut failed = 0;
     for name in names {
         if let Err(error) = remove_one(clients, name).await {
+            // A closed stdout ends the command, which has done its work.
+            if is_closed_stdout(&error) {
+                return Err(error);
+            }
             errln!("Error: {}", hatoba_cri::error_chain(error.as_ref()));
             failed += 1;
         }

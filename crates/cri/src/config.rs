@@ -349,10 +349,14 @@ fn check_log_directive(directive: &str) -> Result<(), LogFilterError> {
         };
     };
 
-    let target_ok = !target.is_empty()
-        && target
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
+    // Targets are module paths such as `hatoba_cri::server`: lowercase
+    // words joined by `::`. A crate name with `-` never matches anything.
+    let target_ok = target.split("::").all(|part| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    });
     if !target_ok {
         return Err(LogFilterError::InvalidTarget {
             directive: directive.to_owned(),
@@ -711,7 +715,7 @@ mirrors = ["https://mirror.example.com"]
             "hatoba_cri=debug",
             "hatoba_cri::server=TRACE,info",
             "info,h2=off",
-            "hatoba-cri=warn,tower.buffer=error",
+            "hatoba_cri=warn,tower::buffer=error",
         ];
         for filter in cases {
             assert_eq!(check_log_filter(filter), Ok(()), "{filter:?}");
@@ -740,6 +744,14 @@ mirrors = ["https://mirror.example.com"]
             ),
             ("hatoba=", "\"hatoba=\" has an unknown level \"\""),
             ("=info", "\"=info\" has an invalid target \"\""),
+            (
+                "hatoba-cri=debug",
+                "\"hatoba-cri=debug\" has an invalid target \"hatoba-cri\"",
+            ),
+            (
+                "Hatoba_CRI=info",
+                "\"Hatoba_CRI=info\" has an invalid target \"Hatoba_CRI\"",
+            ),
             (
                 "hatoba/cri=info",
                 "\"hatoba/cri=info\" has an invalid target \"hatoba/cri\"",

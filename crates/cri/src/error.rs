@@ -52,18 +52,36 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Escapes the control characters of `text` as `str::escape_debug` writes
-/// them (`\n`, `\r`, `\t`, `\u{1b}`) and keeps every other character,
+/// them (`\n`, `\r`, `\t`, `\u{1b}`), and the invisible characters that
+/// break or reorder lines on display, and keeps every other character,
 /// quotes and backslashes included, so the text stays on one line.
 pub fn escape_control(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if c.is_control() || is_invisible_format(c) {
             escaped.extend(c.escape_debug());
         } else {
             escaped.push(c);
         }
     }
     escaped
+}
+
+/// Returns whether `c` is a line or paragraph separator, or a format
+/// character that changes text direction or hides itself (Unicode general
+/// categories Zl, Zp and the bidirectional and zero-width marks of Cf).
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+    )
 }
 
 #[cfg(test)]
@@ -232,6 +250,15 @@ mod tests {
         assert_eq!(
             error_chain(&error),
             "failed to open the store: numeric field was not a number: \\n\\u{1b}[1mFORGED"
+        );
+    }
+
+    #[test]
+    fn separators_and_direction_marks_are_escaped() {
+        let text = "a\u{2028}b\u{2029}c\u{202e}d\u{200b}e\u{feff}f";
+        assert_eq!(
+            escape_control(text),
+            "a\\u{2028}b\\u{2029}c\\u{202e}d\\u{200b}e\\u{feff}f"
         );
     }
 

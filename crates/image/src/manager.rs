@@ -392,18 +392,20 @@ pub(crate) fn find_in(
         return Ok(images.get(name).cloned());
     }
 
-    // A name wins over an ID prefix, as in Docker: `cafe` is a repository
-    // name before it is the start of an ID.
+    // A truncated ID may also be written as a digest (`sha256:02218a83`), as
+    // containerd accepts it. That form is only ever an ID.
+    let id_form = name.strip_prefix("sha256:");
+
+    // A name wins over a bare ID prefix, as in Docker: `cafe` is a
+    // repository name before it is the start of an ID.
     let parsed = Reference::parse(name);
-    if let Ok(reference) = &parsed
+    if id_form.is_none()
+        && let Ok(reference) = &parsed
         && let Some(image) = find_by_reference(images, reference)
     {
         return Ok(Some(image.clone()));
     }
-
-    // A truncated ID may also be written as a digest (`sha256:02218a83`), as
-    // containerd accepts it.
-    let prefix = name.strip_prefix("sha256:").unwrap_or(name);
+    let prefix = id_form.unwrap_or(name);
     let is_hex = prefix.len() >= 4
         && prefix
             .bytes()
@@ -411,21 +413,28 @@ pub(crate) fn find_in(
     if !is_hex {
         return parsed.map(|_| None);
     }
-    let mut matches = images.values().filter(|image| {
-        image
-            .id
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.starts_with(prefix))
-    });
-    match (matches.next(), matches.next()) {
-        (Some(image), None) => Ok(Some(image.clone())),
-        (Some(_), Some(_)) => Err(ImageError::InvalidReference {
-            reference: name.to_string(),
-            reason:
-                "the ID prefix is ambiguous: it matches more than one image, give more characters"
-                    .into(),
-        }),
-        (None, _) => Ok(None),
+    let matches: Vec<&ImageRecord> = images
+        .values()
+        .filter(|image| {
+            image
+                .id
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.starts_with(prefix))
+        })
+        .collect();
+    match matches.as_slice() {
+        [] => Ok(None),
+        [image] => Ok(Some((*image).clone())),
+        several => {
+            let ids: Vec<&str> = several.iter().map(|image| image.id.as_str()).collect();
+            Err(ImageError::InvalidReference {
+                reference: name.to_string(),
+                reason: format!(
+                    "the ID prefix is ambiguous: it matches {}, give more characters",
+                    ids.join(", ")
+                ),
+            })
+        }
     }
 }
 

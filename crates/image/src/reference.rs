@@ -54,6 +54,13 @@ impl Reference {
 
         let (rest, digest) = split_digest(input).map_err(invalid)?;
         let (name, tag) = split_tag(rest).map_err(invalid)?;
+        // As in Docker: such a name could not be told apart from an image ID.
+        if name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(invalid(
+                "a repository name must not be 64 hexadecimal characters, the form of an image ID"
+                    .into(),
+            ));
+        }
         let (registry, repository) = split_registry(name).map_err(invalid)?;
         let tag = match (tag, &digest) {
             (None, None) => Some("latest".to_string()),
@@ -209,8 +216,12 @@ pub(crate) fn normalize_registry(host: &str) -> String {
 fn check_registry(registry: &str) -> Result<(), String> {
     let bad = || format!("registry {registry:?} is not a valid host[:port]");
     let (host, port) = split_host_port(registry).ok_or_else(bad)?;
+    // A leading zero would name the same port under another spelling, and
+    // so miss the settings of that registry.
     let port_ok = |port: &str| {
-        port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0)
+        port.bytes().all(|b| b.is_ascii_digit())
+            && !port.starts_with('0')
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
     };
     if !port.is_none_or(port_ok) {
         return Err(bad());
@@ -337,6 +348,18 @@ mod tests {
         assert_eq!(parse("localhost/app").registry, "localhost");
         assert_eq!(parse("localhost:5000/a/b/c").repository, "a/b/c");
         assert_eq!(parse("[::1]:5000/foo:1").registry, "[::1]:5000");
+    }
+
+    #[test]
+    fn image_id_shaped_names_are_rejected() {
+        let id = "cafe".repeat(16);
+        for input in [id.clone(), format!("{id}:latest")] {
+            assert!(reason(&input).contains("64 hexadecimal"), "{input}");
+        }
+        assert_eq!(
+            parse(&id[..12]).repository,
+            format!("library/{}", &id[..12])
+        );
     }
 
     #[test]
@@ -477,6 +500,7 @@ mod tests {
             "[zz]:5000/app",
             "127.0.0.1:99999/app",
             "127.0.0.1:0/app",
+            "127.0.0.1:05000/app",
         ] {
             assert!(reason(input).contains("registry"), "{input}");
         }

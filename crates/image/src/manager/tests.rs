@@ -807,9 +807,12 @@ fn name_wins_over_id_prefix() {
         "docker.io/library/other:latest",
     );
     let named = record("2".repeat(64), "docker.io/library/cafe:latest");
+    // A repository named `sha256` must not capture `sha256:cafe`.
+    let decoy = record("3".repeat(64), "docker.io/library/sha256:cafe");
     let images = Images::from([
         (prefixed.id.clone(), prefixed.clone()),
         (named.id.clone(), named.clone()),
+        (decoy.id.clone(), decoy),
     ]);
 
     let found = find_in(&images, "cafe").expect("find cafe");

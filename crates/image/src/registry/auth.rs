@@ -367,13 +367,21 @@ pub fn token_error(
     registry: &str,
     reference: &str,
     realm: &reqwest::Url,
+    sent_credentials: bool,
 ) -> ImageError {
     match error {
-        TokenError::Refused(reason) => ImageError::Unauthenticated {
-            registry: registry.to_string(),
-            reference: reference.to_string(),
-            reason: format!("{reason} at {realm}; check the pull credentials"),
-        },
+        TokenError::Refused(reason) => {
+            let hint = if sent_credentials {
+                "check the pull credentials"
+            } else {
+                "no credentials were given: add pull credentials"
+            };
+            ImageError::Unauthenticated {
+                registry: registry.to_string(),
+                reference: reference.to_string(),
+                reason: format!("{reason} at {realm}; {hint}"),
+            }
+        }
         TokenError::Unreachable(reason) => ImageError::RegistryUnavailable {
             registry: registry.to_string(),
             reason: format!("token server {realm}: {reason}"),

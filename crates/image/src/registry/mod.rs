@@ -153,7 +153,12 @@ impl RegistryClient {
 
         let mut routes = BTreeMap::new();
         for (host, settings) in &config.registries {
-            routes.insert(normalize_registry(host), configured_route(host, settings)?);
+            let key = normalize_registry(host);
+            if routes.contains_key(&key) {
+                let reason = format!("another section also names registry {key:?}");
+                return Err(invalid_config(&format!("registries.{host:?}"), reason));
+            }
+            routes.insert(key, configured_route(host, settings)?);
         }
 
         let any_insecure = config.registries.values().any(|r| r.insecure_skip_verify);
@@ -633,7 +638,13 @@ impl Session<'_> {
             .await
             .map_err(|e| {
                 let reference = self.reference.to_string();
-                auth::token_error(e, &self.reference.registry, &reference, &challenge.realm)
+                auth::token_error(
+                    e,
+                    &self.reference.registry,
+                    &reference,
+                    &challenge.realm,
+                    self.credentials.is_some(),
+                )
             })?;
         Ok((header, Some(expires)))
     }
@@ -771,11 +782,11 @@ fn verify_manifest(
         manifest::verify_digest(&header, bytes)?;
     }
     let length = bytes.len() as u64;
-    if size.is_some_and(|size| size != length) {
+    if let Some(size) = size.filter(|&size| size != length) {
         return Err(ImageError::InvalidContent {
             reference: manifest_ref.to_string(),
             what: "manifest",
-            reason: format!("manifest {digest} has {length} bytes, the index says {size:?}"),
+            reason: format!("manifest {digest} has {length} bytes, the index says {size}"),
         });
     }
     Ok(digest)
@@ -911,6 +922,24 @@ mod tests {
         ] {
             assert_eq!(route(&client, reference).registry.base, base, "{reference}");
         }
+    }
+
+    #[test]
+    fn sections_naming_one_registry_are_rejected() {
+        let mut config = ImageConfig::default();
+        for host in ["LocalHost:5000", "localhost:5000"] {
+            config
+                .registries
+                .insert(host.into(), RegistryConfig::default());
+        }
+
+        let result = RegistryClient::new(&config);
+
+        assert!(
+            matches!(result, Err(ImageError::InvalidConfig { ref reason, .. }) if reason.contains("localhost:5000")),
+            "{:?}",
+            result.err()
+        );
     }
 
     #[test]
