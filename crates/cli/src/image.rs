@@ -178,7 +178,7 @@ async fn remove_one(clients: &mut Clients, name: &str) -> anyhow::Result<()> {
     let image = image_status(clients, name, false)
         .await?
         .and_then(|response| response.image)
-        .with_context(|| format!("image not known: {name}"))?;
+        .with_context(|| not_known(name))?;
 
     // Remove by ID, so exactly the image looked up goes.
     let request = v1::RemoveImageRequest {
@@ -198,6 +198,17 @@ async fn remove_one(clients: &mut Clients, name: &str) -> anyhow::Result<()> {
     }
     outln!("Deleted: {}", image.id)?;
     Ok(())
+}
+
+/// Returns the message for a name that finds no image, with a hint when the
+/// name looks like an ID prefix that is too short to be used as one.
+fn not_known(name: &str) -> String {
+    let hex = name.strip_prefix("sha256:").unwrap_or(name);
+    if (1..4).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("image not known: {name} (an ID prefix needs at least 4 characters)")
+    } else {
+        format!("image not known: {name}")
+    }
 }
 
 /// Prints a JSON array with the details of each image found. Unknown
@@ -221,10 +232,8 @@ async fn inspect(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> 
 async fn inspect_one(clients: &mut Clients, name: &str) -> anyhow::Result<Value> {
     let response = image_status(clients, name, true)
         .await?
-        .with_context(|| format!("image not known: {name}"))?;
-    let image = response
-        .image
-        .with_context(|| format!("image not known: {name}"))?;
+        .with_context(|| not_known(name))?;
+    let image = response.image.with_context(|| not_known(name))?;
 
     // The daemon's verbose `info` contains the image config and the layers.
     let info: Value = match response.info.get("info") {
@@ -315,6 +324,14 @@ fn finish_batch(failed: usize, total: usize) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_known_hints_at_short_id_prefixes() {
+        assert!(not_known("02").contains("at least 4 characters"));
+        assert!(not_known("sha256:0a").contains("at least 4 characters"));
+        assert_eq!(not_known("busybox"), "image not known: busybox");
+        assert_eq!(not_known("02ab"), "image not known: 02ab");
+    }
 
     fn image(tags: &[&str], digests: &[&str]) -> v1::Image {
         v1::Image {

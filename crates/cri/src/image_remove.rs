@@ -35,14 +35,14 @@ pub(crate) async fn remove_image(
 fn log_removal(name: &str, result: &Result<Option<ImageRecord>, ImageError>) {
     match result {
         Ok(Some(record)) => {
-            tracing::info!(image.r#ref = %escape_control(name), image.id = %record.id, "removed image");
+            tracing::info!(rpc = "RemoveImage", image.r#ref = %escape_control(name), image.id = %record.id, "removed image");
         }
         Ok(None) | Err(ImageError::NotFound { .. }) => {
-            tracing::info!(image.r#ref = %escape_control(name), "image to remove was already gone");
+            tracing::info!(rpc = "RemoveImage", image.r#ref = %escape_control(name), "image to remove was already gone");
         }
         Err(error) => {
             let error = error_chain(error);
-            tracing::info!(image.r#ref = %escape_control(name), %error, "image removal failed");
+            tracing::info!(rpc = "RemoveImage", image.r#ref = %escape_control(name), %error, "image removal failed");
         }
     }
 }
