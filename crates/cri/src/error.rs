@@ -52,9 +52,9 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Escapes the control characters of `text` as `str::escape_debug` writes
-/// them (`\n`, `\r`, `\t`, `\u{1b}`), and the invisible characters that
-/// break or reorder lines on display, and keeps every other character,
-/// quotes and backslashes included, so the text stays on one line.
+/// them (`\n`, `\r`, `\t`, `\u{1b}`). Invisible characters that break or
+/// reorder lines on display are escaped too. Every other character stays,
+/// quotes and backslashes included, so the text keeps to one line.
 pub fn escape_control(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {

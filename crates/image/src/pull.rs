@@ -548,7 +548,7 @@ pub(crate) fn merge_record(images: &mut Images, mut record: ImageRecord) -> (Ima
         // The stored manifest and layers stay: the same config can come in
         // another manifest (other compression, an archive), and replacing
         // them would let a collection free blobs the old names point at.
-        // NOTE: a record holds one manifest, so the layer blobs of the newer
+        // NOTE: a record has room for one manifest, so the layer blobs of the newer
         // manifest are freed even though its repo digest is kept.
         record = ImageRecord {
             repo_tags: tags,

@@ -54,7 +54,7 @@ impl Reference {
 
         let (rest, digest) = split_digest(input).map_err(invalid)?;
         let (name, tag) = split_tag(rest).map_err(invalid)?;
-        // As in Docker: such a name could not be told apart from an image ID.
+        // As in Docker: such a name would be indistinguishable from an image ID.
         if name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(invalid(
                 "a repository name must not be 64 hexadecimal characters, the form of an image ID"
