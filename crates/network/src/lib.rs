@@ -1,3 +1,11 @@
 //! Network namespaces and CNI plugin invocation.
 //!
-//! Empty until pod sandboxes land.
+//! This layer needs no root: it loads network configuration lists, builds
+//! plugin invocations, parses results and caches them. Executing a plugin
+//! goes through [`invoke::PluginRunner`], so the chain logic is tested
+//! without spawning processes.
+
+pub mod cache;
+pub mod config;
+pub mod invoke;
+pub mod result;
