@@ -108,6 +108,29 @@ pub enum PluginError {
         stdout: Vec<u8>,
         stderr: String,
     },
+    #[error("write config to stdin of {binary}: {source}")]
+    WriteStdin {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("read {stream} of {binary}: {source}")]
+    ReadOutput {
+        binary: PathBuf,
+        stream: &'static str,
+        source: std::io::Error,
+    },
+    #[error("wait for {binary}: {source}")]
+    Wait {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kill {binary} after its timeout: {source}")]
+    Kill {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{binary} wrote more than {limit} bytes to stdout, the maximum for a CNI result")]
+    OutputTooLarge { binary: PathBuf, limit: usize },
 }
 
 /// Runs one plugin binary with the given environment and stdin, returning

@@ -3,9 +3,10 @@
 //! This layer needs no root: it loads network configuration lists, builds
 //! plugin invocations, parses results and caches them. Executing a plugin
 //! goes through [`invoke::PluginRunner`], so the chain logic is tested
-//! without spawning processes.
+//! without spawning processes; [`runner::ProcessRunner`] is the real one.
 
 pub mod cache;
 pub mod config;
 pub mod invoke;
 pub mod result;
+pub mod runner;
