@@ -233,7 +233,7 @@ async fn stop(child: &mut Child, binary: &Path) -> Result<(), PluginError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, HashSet};
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
@@ -248,8 +248,9 @@ mod tests {
 
     /// Writing a script while another test forks leaks the write descriptor
     /// into that child until it execs, and exec of the script then fails
-    /// with ETXTBSY. Writers take this lock exclusively, runs take it shared.
-    static SCRIPTS: RwLock<()> = RwLock::const_new(());
+    /// with ETXTBSY. Writers take this lock exclusively; runs, and tests of
+    /// other modules that start processes, take it shared.
+    pub(crate) static SCRIPTS: RwLock<()> = RwLock::const_new(());
 
     const TIMEOUT: Duration = Duration::from_secs(30);
 
