@@ -5,6 +5,7 @@ pub mod client;
 pub mod daemon;
 pub mod env;
 pub mod fixtures;
+pub mod guard;
 pub mod proxy;
 pub mod registry;
 pub mod token;

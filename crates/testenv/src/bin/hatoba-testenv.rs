@@ -14,6 +14,7 @@ use hatoba_testenv::env::{
     TOKEN_PASSWORD, TOKEN_SERVICE, TOKEN_USER, TestEnv,
 };
 use hatoba_testenv::fixtures::{self, Destinations, catalog, push::Credentials};
+use hatoba_testenv::guard;
 use hatoba_testenv::registry::{self, Layout, Registry, Stopped};
 use hatoba_testenv::token::{self, TokenIssuer, TokenServer};
 
@@ -29,10 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the registries and the token server, push the fixtures and
-    /// write /run/hatoba-testenv/env.json (does nothing when already up)
+    /// Start the registries and the token server, install the firewall
+    /// guard, push the fixtures and write /run/hatoba-testenv/env.json
+    /// (when already up, only makes sure the guard is installed)
     Up,
-    /// Stop the processes that `up` started and remove /run/hatoba-testenv
+    /// Stop the processes that `up` started, remove the firewall guard and
+    /// remove /run/hatoba-testenv
     Down {
         /// Also remove /var/lib/hatoba-testenv: registry storage, keys and archives
         #[arg(long)]
@@ -142,6 +145,8 @@ async fn up() -> anyhow::Result<()> {
     let _lock = lock(&layout)?;
 
     if reuse_running(&ports).await? {
+        // An environment from before the guard existed gets it now.
+        guard::install()?;
         eprintln!("test environment is already running; see {ENV_PATH}");
         return Ok(());
     }
@@ -164,6 +169,9 @@ async fn up() -> anyhow::Result<()> {
                 eprintln!("hatoba-testenv: up failed, stopping what it started");
             }
             stop_children(started).await;
+            if let Err(guard_error) = guard::remove() {
+                eprintln!("hatoba-testenv: {guard_error}");
+            }
             let _ = std::fs::remove_dir_all(RUN_DIR);
             Err(error)
         }
@@ -178,6 +186,11 @@ async fn status() -> anyhow::Result<()> {
     anyhow::ensure!(
         is_healthy(&env, &ports).await,
         "the test environment in {ENV_PATH} is not healthy: a process stopped, it uses other ports or fixtures are missing"
+    );
+    anyhow::ensure!(
+        guard::is_installed(),
+        "the test environment is not healthy: the firewall guard chain {} or its jump from FORWARD is missing; run `hatoba-testenv up` as root to add it",
+        guard::CHAIN
     );
     println!("test environment is running: open {}", env.open);
     Ok(())
@@ -261,6 +274,9 @@ async fn start_and_publish(
 
     eprintln!("starting the token server and the registries");
     start_processes(layout, ports, &registries, started).await?;
+
+    eprintln!("installing the firewall guard chain {}", guard::CHAIN);
+    guard::install()?;
 
     // Record the PIDs before the long fixture push, so `down` can stop the
     // processes even if this command is killed.
@@ -422,11 +438,15 @@ async fn down(purge: bool) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    // Remove the guard even when stopping failed, so `down` leaves no rules behind.
+    let guard_removed = guard::remove();
     remove_dir(Path::new(RUN_DIR))?;
     if purge {
         remove_dir(&layout.dir)?;
     }
-    stopped
+    stopped?;
+    guard_removed?;
+    Ok(())
 }
 
 fn remove_dir(path: &Path) -> anyhow::Result<()> {
