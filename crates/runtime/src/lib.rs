@@ -7,6 +7,7 @@
 mod names;
 mod pod_files;
 mod sandbox_store;
+mod sysctls;
 
 pub use names::{NameError, NameRegistry, Reservation, sandbox_name};
 
@@ -18,3 +19,4 @@ pub use sandbox_store::{
     ID_LEN, LoadFailure, SandboxMetadata, SandboxRecord, SandboxState, SandboxStore,
     SandboxStoreError, new_id, validate_id,
 };
+pub use sysctls::{NamespaceModes, SysctlError, SysctlNamespace, proc_sys_path, validate_sysctls};
