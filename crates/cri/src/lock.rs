@@ -48,7 +48,7 @@ pub struct PidLock {
 impl PidLock {
     /// Takes the lock without waiting and writes our PID into the file.
     /// Fails with [`LockError::Held`], naming the holder's PID, when another
-    /// process holds it.
+    /// process has the lock.
     pub fn acquire(path: &Path) -> Result<Self, LockError> {
         let mut file = OpenOptions::new()
             .read(true)

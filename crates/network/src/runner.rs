@@ -18,9 +18,10 @@ use tokio::process::{Child, ChildStdin};
 
 use crate::invoke::{PluginError, PluginRunner};
 
-/// Maximum stdout bytes kept from one plugin run. A CNI result is typically a
-/// few KiB, so more than 1 MiB means a runaway plugin. The excess is read and
-/// dropped, so the plugin never blocks on a full pipe.
+/// Maximum stdout bytes kept from one plugin run. A CNI result is usually a
+/// few KiB (an estimate), so more than 1 MiB means a runaway plugin. The
+/// excess is read and dropped, so the plugin never blocks on a full pipe, and
+/// a successful run past the limit fails with `OutputTooLarge`.
 pub const STDOUT_LIMIT: usize = 1024 * 1024;
 
 /// Maximum stderr bytes kept from one plugin run. The last bytes are kept,

@@ -205,7 +205,7 @@ pub enum GuardError {
     },
 }
 
-/// What one run of an iptables program returned.
+/// The command line, exit code and stderr of one iptables run.
 struct Outcome {
     command: String,
     // None when a signal ended the program.

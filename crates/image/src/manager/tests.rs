@@ -684,11 +684,11 @@ async fn find_matches_ids_prefixes_tags_and_digests() {
     ));
 }
 
-#[test]
-fn ambiguous_id_prefix_is_an_error() {
-    let record = |hex: String| ImageRecord {
+/// Returns a record with only an ID (`sha256:<hex>`) and tags, for lookups.
+fn bare_record(hex: &str, tags: &[&str]) -> ImageRecord {
+    ImageRecord {
         id: format!("sha256:{hex}"),
-        repo_tags: vec![],
+        repo_tags: tags.iter().map(|tag| tag.to_string()).collect(),
         repo_digests: vec![],
         manifest_digest: String::new(),
         manifest_media_type: String::new(),
@@ -698,7 +698,12 @@ fn ambiguous_id_prefix_is_an_error() {
         user: String::new(),
         created: None,
         pinned: false,
-    };
+    }
+}
+
+#[test]
+fn ambiguous_id_prefix_is_an_error() {
+    let record = |hex: String| bare_record(&hex, &[]);
     let a = record(format!("abcd{}", "1".repeat(60)));
     let b = record(format!("abcd{}", "2".repeat(60)));
     let images = Images::from([(a.id.clone(), a.clone()), (b.id.clone(), b)]);
@@ -789,19 +794,7 @@ async fn load_rejects_layer_size_that_lies() {
 
 #[test]
 fn name_wins_over_id_prefix() {
-    let record = |hex: String, tag: &str| ImageRecord {
-        id: format!("sha256:{hex}"),
-        repo_tags: vec![tag.to_string()],
-        repo_digests: vec![],
-        manifest_digest: String::new(),
-        manifest_media_type: String::new(),
-        config_digest: String::new(),
-        layers: vec![],
-        size: 0,
-        user: String::new(),
-        created: None,
-        pinned: false,
-    };
+    let record = |hex: String, tag: &str| bare_record(&hex, &[tag]);
     let prefixed = record(
         format!("cafe{}", "1".repeat(60)),
         "docker.io/library/other:latest",
